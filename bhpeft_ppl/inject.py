@@ -24,6 +24,8 @@ from .naming import matches_any
 from .sites import WeightSite
 from .spec import HybridSpec
 
+_INJECTED = "_bhpeft_injected"
+
 # Default targets by ``config.model_type``: LoRA on the attention query and
 # value projections; adapter term added to the FFN output (and, for parallel
 # adapters, computed from the FFN input).
@@ -220,6 +222,7 @@ class HybridPEFT(nn.Module):
             module.__dict__.pop(attention.PREFIX_ATTRIBUTE, None)
         self._prefixed.clear()
         self.base.set_attn_implementation(self._original_attention or "sdpa")
+        self.base.__dict__.pop(_INJECTED, None)
         return self.base
 
     # Use ---------------------------------------------------------------------
@@ -292,8 +295,11 @@ def inject(base: nn.Module, spec: HybridSpec) -> HybridPEFT:
             f"inject expects a Hugging Face PreTrainedModel, got {type(base).__name__}; "
             "load one with transformers.AutoModel.from_pretrained"
         )
+    if base.__dict__.get(_INJECTED):
+        raise SpecError("this base model already has PEFT modules attached; call .eject() on them first")
     base.requires_grad_(False)
     peft = HybridPEFT(base, spec)
+    base.__dict__[_INJECTED] = True
     try:
         peft._attach()
     except Exception:

@@ -1,0 +1,158 @@
+"""Variational families per component, composed into one ``AutoGuideList``.
+
+===============  ==============================================  ===============================
+family           guide                                           meaning
+===============  ==============================================  ===============================
+``mean_field``   ``AutoNormal``                                  :math:`q(w) = \\prod_i \\mathcal{N}(w_i; \\mu_i, \\sigma_i^2)`
+``low_rank``     ``AutoLowRankMultivariateNormal``               :math:`\\mathcal{N}(\\mu, FF^\\top + D)` jointly over its sites
+``map``          ``AutoDelta``                                   :math:`\\delta(w - \\hat w)`: MAP under the prior
+``point``        none: the model uses ``pyro.param``             maximum likelihood, no prior
+===============  ==============================================  ===============================
+
+Locations start at :meth:`WeightSite.initial_value` (LoRA B and adapter
+up-projections at zero, so the untrained model equals the base model) and
+scales at ``init_scale``.  Hyper-parameter sites of a prior (horseshoe
+:math:`\\tau, \\lambda`) take the family of their weight and start at the prior median.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyro
+from pyro import poutine
+from pyro.infer.autoguide import AutoDelta, AutoGuideList, AutoLowRankMultivariateNormal, AutoNormal
+from pyro.infer.autoguide.initialization import init_to_median
+
+from .errors import SpecError
+from .naming import resolve
+
+FAMILIES = ("mean_field", "low_rank", "map", "point")
+COMPONENTS = ("lora", "adapter", "prefix", "head")
+
+
+def _check_family(where: str, family: Any) -> None:
+    if family not in FAMILIES:
+        raise SpecError(f"{where}: unknown guide family {family!r}; choose one of {FAMILIES}")
+
+
+@dataclass(frozen=True)
+class GuideSpec:
+    """Which variational family each site gets.
+
+    Resolution: the first of ``patterns`` matching the site name, then
+    ``components``, then ``default``.
+
+    :param default: family of sites not otherwise named.
+    :param components: ``{component: family}``.
+    :param patterns: ``{site-name pattern: family}``.
+    :param init_scale: initial standard deviation of ``mean_field`` and ``low_rank`` guides.
+    :param rank: rank of the ``low_rank`` covariance factor.
+    """
+
+    default: str = "mean_field"
+    components: Mapping[str, str] = field(default_factory=dict)
+    patterns: Mapping[str, str] = field(default_factory=dict)
+    init_scale: float = 0.01
+    rank: int = 8
+
+    def __post_init__(self):
+        object.__setattr__(self, "components", dict(self.components))
+        object.__setattr__(self, "patterns", dict(self.patterns))
+        _check_family("GuideSpec.default", self.default)
+        for key, family in self.components.items():
+            if key not in COMPONENTS:
+                raise SpecError(f"GuideSpec.components: unknown component {key!r}; use {COMPONENTS}")
+            _check_family(f"GuideSpec.components[{key!r}]", family)
+        for key, family in self.patterns.items():
+            _check_family(f"GuideSpec.patterns[{key!r}]", family)
+        if not isinstance(self.init_scale, int | float) or not self.init_scale > 0:
+            raise SpecError(f"GuideSpec.init_scale must be positive, got {self.init_scale!r}")
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise SpecError(f"GuideSpec.rank must be a positive integer, got {self.rank!r}")
+
+    def family(self, name: str, component: str) -> str:
+        """Family of the site ``name`` of ``component``."""
+        return resolve(name, component, self.patterns, self.components, self.default)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data, accepted by :meth:`from_dict`."""
+        return {
+            "default": self.default,
+            "components": dict(self.components),
+            "patterns": dict(self.patterns),
+            "init_scale": self.init_scale,
+            "rank": self.rank,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> GuideSpec:
+        """Spec from :meth:`to_dict` output."""
+        if not isinstance(data, Mapping):
+            raise SpecError(f"GuideSpec expects a mapping, got {type(data).__name__}")
+        unknown = sorted(set(data) - {"default", "components", "patterns", "init_scale", "rank"})
+        if unknown:
+            raise SpecError(f"unknown GuideSpec field(s) {unknown}")
+        return cls(**data)
+
+    # Presets -------------------------------------------------------------------
+    @classmethod
+    def map(cls) -> GuideSpec:
+        """Every site MAP: the point-estimate twin of a Bayesian fit."""
+        return cls(default="map")
+
+    @classmethod
+    def blob(cls) -> GuideSpec:
+        """BLoB-style Bayesian LoRA: a distribution on LoRA A only, the rest point estimates."""
+        return cls(default="point", patterns={"lora_A": "mean_field"})
+
+    @classmethod
+    def paper_released(cls) -> GuideSpec:
+        """The authors' released variant: Bayesian adapter down-projections only."""
+        return cls(default="point", patterns={"adapter_down": "mean_field", "adapter_down_bias": "mean_field"})
+
+
+def build_guide(
+    prior_model: Callable,
+    latent_sites: Mapping[str, str],
+    spec: GuideSpec,
+    init_loc_fn: Callable,
+) -> AutoGuideList:
+    """Compose one autoguide per family over ``prior_model`` (which samples the weights).
+
+    :param latent_sites: ``{site name: family}`` of every latent site, hyper-sites included.
+    :param init_loc_fn: initial location of a site (a Pyro ``init_loc_fn``).
+    """
+    guide = AutoGuideList(prior_model)
+    by_family: dict[str, list[str]] = {}
+    for name, family in latent_sites.items():
+        by_family.setdefault(family, []).append(name)
+
+    def init(site):
+        value = init_loc_fn(site)
+        return init_to_median(site) if value is None else value
+
+    for family in ("mean_field", "low_rank", "map"):
+        names = by_family.get(family)
+        if not names:
+            continue
+        blocked = poutine.block(prior_model, expose=names)
+        if family == "mean_field":
+            guide.append(AutoNormal(blocked, init_loc_fn=init, init_scale=spec.init_scale))
+        elif family == "low_rank":
+            guide.append(AutoLowRankMultivariateNormal(blocked, init_loc_fn=init, init_scale=spec.init_scale, rank=spec.rank))
+        else:
+            guide.append(AutoDelta(blocked, init_loc_fn=init))
+    return guide
+
+
+def local_params():
+    """Context in which guide parameters live in their modules, not Pyro's global
+    param store, so that several fitted models coexist in one process.
+
+    Every function of this library that runs a guide enters it; enter it too when
+    calling a guide yourself.
+    """
+    return pyro.settings.context(module_local_params=True)

@@ -1,0 +1,281 @@
+"""Stochastic variational inference: the training loop.
+
+Each step draws a minibatch of :math:`B` out of :math:`N` examples and takes a
+gradient step on the negative ELBO estimate
+
+.. math:: \\mathcal{L} = -\\tfrac{N}{B} \\sum_{n \\in \\text{batch}} \\mathbb{E}_q \\log p(y_n \\mid w)
+   + \\beta\\, \\mathrm{KL}(q(w) \\,\\|\\, p(w)),
+
+with the KL term in closed form wherever Pyro knows it (``TraceMeanField_ELBO``)
+and by Monte Carlo elsewhere, using ``ClippedAdam`` (per-parameter gradient
+clipping) and a learning-rate schedule.  One seed fixes the initial values,
+the data order and every posterior draw.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pyro
+import torch
+from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
+from pyro.optim.clipped_adam import ClippedAdam
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .data import Collator
+from .errors import DivergenceError, SpecError
+from .guides import local_params
+from .model import BayesianHybridModel
+
+SCHEDULES = ("constant", "linear", "cosine")
+ESTIMATORS = ("mean_field", "trace")
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """Settings of :func:`fit`.
+
+    :param epochs: passes over the training data.
+    :param batch_size: minibatch size :math:`B`.
+    :param lr: peak learning rate of ``ClippedAdam``.
+    :param schedule: ``constant``, ``linear`` (decay to 0) or ``cosine``, after a linear warm-up.
+    :param warmup_ratio: fraction of steps spent warming up.
+    :param clip_norm: per-parameter gradient-norm clip of ``ClippedAdam``.
+    :param num_particles: Monte Carlo samples of the ELBO per step.
+    :param estimator: ``mean_field`` (``TraceMeanField_ELBO``, analytic KL where known) or ``trace`` (``Trace_ELBO``).
+    :param max_steps: stop after this many steps (``None``: all epochs).
+    :param seed: fixes data order, initial values and noise.
+    :param progress: show a progress bar.
+    """
+
+    epochs: int = 3
+    batch_size: int = 16
+    lr: float = 1e-3
+    schedule: str = "linear"
+    warmup_ratio: float = 0.06
+    clip_norm: float = 10.0
+    num_particles: int = 1
+    estimator: str = "mean_field"
+    max_steps: int | None = None
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "num_particles"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise SpecError(f"FitConfig.{name} must be a positive integer, got {value!r}")
+        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
+            raise SpecError(f"FitConfig.max_steps must be a positive integer or None, got {self.max_steps!r}")
+        if not isinstance(self.lr, int | float) or not self.lr > 0:
+            raise SpecError(f"FitConfig.lr must be positive, got {self.lr!r}")
+        if self.schedule not in SCHEDULES:
+            raise SpecError(f"FitConfig.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.estimator not in ESTIMATORS:
+            raise SpecError(f"FitConfig.estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise SpecError(f"FitConfig.warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data."""
+        return asdict(self)
+
+
+@dataclass
+class FitState:
+    """What a callback sees after each step."""
+
+    step: int
+    epoch: int
+    history: dict[str, list[float]]
+
+
+@dataclass
+class FitResult:
+    """A fitted guide and its training history.
+
+    ``history`` holds one entry per step: ``step``, ``epoch``, ``loss``
+    (negative ELBO estimate), ``log_likelihood`` (scaled to the dataset),
+    ``kl`` (KL estimate, before ``kl_weight``) and ``lr``.
+    """
+
+    guide: Any
+    history: dict[str, list[float]]
+    seconds: float
+    config: FitConfig
+    stopped_early: bool = False
+    num_data: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class EarlyStopping:
+    """Stop when the mean loss over ``window`` steps has not improved by
+    ``min_delta`` for ``patience`` consecutive checks (one check per ``window`` steps)."""
+
+    def __init__(self, patience: int = 3, window: int = 50, min_delta: float = 0.0):
+        self.patience, self.window, self.min_delta = patience, window, min_delta
+        self.best = math.inf
+        self.bad = 0
+
+    def __call__(self, state: FitState) -> bool:
+        if state.step % self.window:
+            return False
+        recent = state.history["loss"][-self.window :]
+        value = sum(recent) / len(recent)
+        if value < self.best - self.min_delta:
+            self.best, self.bad = value, 0
+        else:
+            self.bad += 1
+        return self.bad >= self.patience
+
+
+class _Recording:
+    """Mixin that keeps the log-likelihood of each particle for the history."""
+
+    def _differentiable_loss_particle(self, model_trace, guide_trace):
+        loss, surrogate = super()._differentiable_loss_particle(model_trace, guide_trace)
+        loglik = sum(
+            float(site["log_prob_sum"].detach())
+            for site in model_trace.nodes.values()
+            if site["type"] == "sample" and site["is_observed"]
+        )
+        self.records.append((loglik, float(loss)))
+        return loss, surrogate
+
+
+class RecordingTraceMeanFieldELBO(_Recording, TraceMeanField_ELBO):
+    """``TraceMeanField_ELBO`` that records the log-likelihood part of each particle."""
+
+    records: list
+
+
+class RecordingTraceELBO(_Recording, Trace_ELBO):
+    """``Trace_ELBO`` that records the log-likelihood part of each particle."""
+
+    records: list
+
+
+def _lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def _bad_sites(named: dict[str, torch.Tensor]) -> list[str]:
+    return [name for name, t in named.items() if t is not None and not torch.isfinite(t).all()]
+
+
+def trainable_parameters(model: BayesianHybridModel, guide) -> dict[str, torch.nn.Parameter]:
+    """``{name: parameter}`` that SVI updates: the guide's and the point estimates'."""
+    params = {f"guide.{n}": p for n, p in guide.named_parameters()}
+    params.update({f"point.{n}": p for n, p in model.point_values().items()})
+    return params
+
+
+def fit(
+    model: BayesianHybridModel,
+    data: Dataset,
+    config: FitConfig | None = None,
+    *,
+    guide=None,
+    collate_fn: Callable | None = None,
+    callbacks: Sequence[Callable[[FitState], bool | None]] = (),
+) -> FitResult:
+    """Fit the guide of ``model`` to ``data`` by SVI.
+
+    :param model: the :class:`~bhpeft_ppl.model.BayesianHybridModel`.
+    :param data: a dataset of encoded examples (see :mod:`bhpeft_ppl.data`).
+    :param config: :class:`FitConfig`.
+    :param guide: continue from this guide; ``None`` builds one with ``model.make_guide()``.
+    :param collate_fn: batch collation (default :class:`~bhpeft_ppl.data.Collator`).
+    :param callbacks: called with a :class:`FitState` after every step; returning ``True`` stops.
+    :raises DivergenceError: the loss or a gradient is NaN or infinite (names the step and sites).
+    """
+    config = config or FitConfig()
+    num_data = len(data)
+    if num_data == 0:
+        raise SpecError("the training data is empty; give at least one labelled example")
+    start = time.perf_counter()
+    with local_params():
+        pyro.set_rng_seed(config.seed)
+        if guide is None:
+            guide = model.make_guide()
+        loader = DataLoader(
+            data,
+            batch_size=config.batch_size,
+            shuffle=True,
+            collate_fn=collate_fn or Collator(),
+            generator=torch.Generator().manual_seed(config.seed),
+        )
+        steps_per_epoch = len(loader)
+        total = steps_per_epoch * config.epochs
+        if config.max_steps is not None:
+            total = min(total, config.max_steps)
+        params = trainable_parameters(model, guide)
+        optimizer = ClippedAdam(list(params.values()), lr=config.lr, clip_norm=config.clip_norm)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, _lr_lambda(config.schedule, int(config.warmup_ratio * total), total)
+        )
+        estimator = RecordingTraceMeanFieldELBO if config.estimator == "mean_field" else RecordingTraceELBO
+        elbo = estimator(num_particles=config.num_particles, vectorize_particles=False)
+        scaled_guide = model.scaled_guide(guide)
+        history: dict[str, list[float]] = {k: [] for k in ("step", "epoch", "loss", "log_likelihood", "kl", "lr")}
+        stopped = False
+        step = 0
+        model.train()
+        bar = tqdm(total=total, disable=not config.progress, desc="SVI", unit="step")
+        try:
+            for epoch in range(config.epochs):
+                for batch in loader:
+                    elbo.records = []
+                    loss = elbo.differentiable_loss(model, scaled_guide, batch, num_data)
+                    if not torch.isfinite(loss):
+                        raise DivergenceError(
+                            f"the loss is {float(loss)} at step {step} (epoch {epoch}); non-finite guide "
+                            f"parameters: {_bad_sites(params)[:5] or 'none'}; lower FitConfig.lr or check the priors"
+                        )
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    bad = _bad_sites({n: p.grad for n, p in params.items()})
+                    if bad:
+                        raise DivergenceError(
+                            f"non-finite gradient at step {step} (epoch {epoch}) for {bad[:5]}; "
+                            "lower FitConfig.lr or clip_norm"
+                        )
+                    optimizer.step()
+                    history["lr"].append(optimizer.param_groups[0]["lr"])
+                    scheduler.step()
+                    loglik = sum(r[0] for r in elbo.records) / len(elbo.records)
+                    value = float(loss)
+                    history["step"].append(step)
+                    history["epoch"].append(epoch)
+                    history["loss"].append(value)
+                    history["log_likelihood"].append(loglik)
+                    history["kl"].append((value + loglik) / model.kl_weight)
+                    step += 1
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{value:.4g}")
+                    state = FitState(step, epoch, history)
+                    if any(bool(cb(state)) for cb in callbacks):
+                        stopped = True
+                    if stopped or step >= total:
+                        break
+                if stopped or step >= total:
+                    break
+        finally:
+            bar.close()
+            model.eval()
+    return FitResult(guide, history, time.perf_counter() - start, config, stopped, num_data)

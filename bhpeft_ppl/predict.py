@@ -1,0 +1,137 @@
+"""Posterior predictive: model averaging and the uncertainty decomposition.
+
+With :math:`S` draws :math:`w^{(s)} \\sim q(w)` and
+:math:`p_s = \\mathrm{softmax}(f(x; w^{(s)}))`,
+
+.. math::
+
+   \\bar p &= \\tfrac{1}{S} \\textstyle\\sum_s p_s
+        \\quad \\text{(model average)} \\\\
+   \\underbrace{H[\\bar p]}_{\\text{total}} &=
+   \\underbrace{\\tfrac{1}{S} \\textstyle\\sum_s H[p_s]}_{\\text{aleatoric (expected entropy)}} +
+   \\underbrace{I(y; w \\mid x)}_{\\text{epistemic (mutual information)}}
+
+The same :math:`S` weight draws are used for every example (so the draws are
+posterior functions, as ArviZ expects), and the loop runs over batches and
+draws, so memory does not grow with :math:`S`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pyro
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .data import Collator
+from .guides import local_params
+from .model import BayesianHybridModel
+
+
+@dataclass
+class Predictions:
+    """Output of :func:`predict`; ``N`` examples, ``C`` classes (or choices), ``S`` draws.
+
+    :ivar probs: ``[S, N, C]`` class probabilities per posterior draw.
+    :ivar mean_probs: ``[N, C]`` the model average :math:`\\bar p`.
+    :ivar point_probs: ``[N, C]`` the prediction at the guide's location (posterior mean for Normal guides).
+    :ivar labels: ``[N]`` true labels when the data had them, else ``None``.
+    """
+
+    probs: torch.Tensor
+    mean_probs: torch.Tensor
+    point_probs: torch.Tensor
+    labels: torch.Tensor | None
+
+    @property
+    def predicted(self) -> torch.Tensor:
+        """``[N]`` argmax of the model average."""
+        return self.mean_probs.argmax(-1)
+
+    @property
+    def total_entropy(self) -> torch.Tensor:
+        """``[N]`` :math:`H[\\bar p]` in nats."""
+        return _entropy(self.mean_probs)
+
+    @property
+    def expected_entropy(self) -> torch.Tensor:
+        """``[N]`` aleatoric part :math:`\\tfrac1S\\sum_s H[p_s]`."""
+        return _entropy(self.probs).mean(0)
+
+    @property
+    def mutual_information(self) -> torch.Tensor:
+        """``[N]`` epistemic part :math:`H[\\bar p] - \\tfrac1S\\sum_s H[p_s]` (clamped at 0)."""
+        return (self.total_entropy - self.expected_entropy).clamp_min(0.0)
+
+    @property
+    def summed_variance(self) -> torch.Tensor:
+        """``[N]`` the paper's score: :math:`\\sum_c \\mathrm{Var}_s[p_{s,c}]`."""
+        if self.probs.shape[0] < 2:
+            return torch.zeros(self.probs.shape[1])
+        return self.probs.var(0, unbiased=True).sum(-1)
+
+    def accuracy(self) -> float:
+        """Accuracy of the model average (requires labels)."""
+        if self.labels is None:
+            raise ValueError("these predictions have no labels")
+        return float((self.predicted == self.labels).float().mean())
+
+
+def _entropy(p: torch.Tensor) -> torch.Tensor:
+    return -(p * torch.log(p.clamp_min(1e-12))).sum(-1)
+
+
+def posterior_draws(guide, num_samples: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    """``num_samples`` weight draws from ``guide`` (hyper-parameter sites included), seeded."""
+    with local_params(), torch.no_grad():
+        pyro.set_rng_seed(seed)
+        return [{k: v.detach() for k, v in guide().items()} for _ in range(num_samples)]
+
+
+def posterior_location(guide) -> dict[str, torch.Tensor]:
+    """The guide's location (``median``: the mean of Normal guides, the MAP of Delta guides)."""
+    with local_params(), torch.no_grad():
+        return {k: v.detach() for k, v in guide.median().items()}
+
+
+@torch.no_grad()
+def predict(
+    model: BayesianHybridModel,
+    guide,
+    data: Dataset,
+    num_samples: int = 10,
+    *,
+    batch_size: int = 32,
+    seed: int = 0,
+    collate_fn: Callable | None = None,
+    progress: bool = False,
+) -> Predictions:
+    """Posterior predictive probabilities of ``data`` under ``guide``.
+
+    :param num_samples: :math:`S` posterior draws (the same for every example).
+    :param seed: fixes the draws.
+    """
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    draws = posterior_draws(guide, num_samples, seed)
+    points = {k: v.detach() for k, v in model.point_values().items()}
+    location = {**posterior_location(guide), **points}
+    loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate_fn or Collator())
+    model.eval()
+    per_batch, point, labels = [], [], []
+    for batch in tqdm(loader, disable=not progress, desc="predict", unit="batch"):
+        probs = torch.stack([model.peft(batch, {**w, **points}).softmax(-1) for w in draws])  # [S, B, C]
+        per_batch.append(probs)
+        point.append(model.peft(batch, location).softmax(-1))  # [B, C]
+        if "labels" in batch:
+            labels.append(batch["labels"])
+    probs = torch.cat(per_batch, dim=1)  # [S, N, C]
+    return Predictions(
+        probs=probs,
+        mean_probs=probs.mean(0),
+        point_probs=torch.cat(point),
+        labels=torch.cat(labels) if labels else None,
+    )
