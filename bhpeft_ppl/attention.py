@@ -75,9 +75,7 @@ def prefix_attention(module, query, key, value, attention_mask, **kwargs):
     ``([B, q, H, d], None)`` as the SDPA function does.
     """
     if _discovery is not None:
-        _discovery.append(
-            AttentionCall(module, query.shape[1], key.shape[1], key.shape[-1], query.shape[2] == key.shape[2])
-        )
+        _discovery.append(AttentionCall(module, query.shape[1], key.shape[1], key.shape[-1], query.shape[2] == key.shape[2]))
     prefix = module.__dict__.get(PREFIX_ATTRIBUTE)
     if prefix is None or not prefix.bound:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)

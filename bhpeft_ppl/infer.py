@@ -252,8 +252,7 @@ def fit(
                     bad = _bad_sites({n: p.grad for n, p in params.items()})
                     if bad:
                         raise DivergenceError(
-                            f"non-finite gradient at step {step} (epoch {epoch}) for {bad[:5]}; "
-                            "lower FitConfig.lr or clip_norm"
+                            f"non-finite gradient at step {step} (epoch {epoch}) for {bad[:5]}; lower FitConfig.lr or clip_norm"
                         )
                     optimizer.step()
                     history["lr"].append(optimizer.param_groups[0]["lr"])

@@ -67,8 +67,7 @@ def _linear_widths(module: nn.Module, name: str) -> tuple[int, int]:
         d_in, d_out = module.weight.shape  # Conv1D stores [in, out]
         return int(d_in), int(d_out)
     raise SpecError(
-        f"LoRA target {name!r} is a {type(module).__name__}, not a linear layer; "
-        "narrow LoRASpec.target_modules to linear layers"
+        f"LoRA target {name!r} is a {type(module).__name__}, not a linear layer; narrow LoRASpec.target_modules to linear layers"
     )
 
 
@@ -129,7 +128,8 @@ class HybridPEFT(nn.Module):
         if spec.adapter is not None:
             a = spec.adapter
             adapter_out = _select(
-                named, a.target_modules or _default_targets(model_type, "adapter_output", "AdapterSpec"),
+                named,
+                a.target_modules or _default_targets(model_type, "adapter_output", "AdapterSpec"),
                 "AdapterSpec.target_modules",
             )
             if a.placement == "parallel":
@@ -157,7 +157,8 @@ class HybridPEFT(nn.Module):
 
         if spec.lora is not None:
             names = _select(
-                named, spec.lora.target_modules or _default_targets(model_type, "lora", "LoRASpec"),
+                named,
+                spec.lora.target_modules or _default_targets(model_type, "lora", "LoRASpec"),
                 "LoRASpec.target_modules",
             )
             for name in names:
@@ -206,7 +207,11 @@ class HybridPEFT(nn.Module):
             self.peft_layers.append(encoder)
         for i, call in enumerate(unique):
             layer = Prefix(
-                path_of[id(call.module)], call.kv_heads, call.head_dim, call.query_heads, spec,
+                path_of[id(call.module)],
+                call.kv_heads,
+                call.head_dim,
+                call.query_heads,
+                spec,
                 (encoder, i) if encoder is not None else None,
             )
             self.peft_layers.append(layer)

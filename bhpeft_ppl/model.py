@@ -67,12 +67,8 @@ class BayesianHybridModel(nn.Module):
         self.kl_weight = float(kl_weight)
         self.seed = int(seed)
         generator = torch.Generator().manual_seed(self.seed)
-        self.initial_values = OrderedDict(
-            (name, site.initial_value(generator)) for name, site in peft.sites.items()
-        )
-        self.families = OrderedDict(
-            (name, self.guide_spec.family(name, site.component)) for name, site in peft.sites.items()
-        )
+        self.initial_values = OrderedDict((name, site.initial_value(generator)) for name, site in peft.sites.items())
+        self.families = OrderedDict((name, self.guide_spec.family(name, site.component)) for name, site in peft.sites.items())
         self.point_estimates = nn.ParameterDict(
             {
                 _point_key(name): nn.Parameter(self.initial_values[name].clone())

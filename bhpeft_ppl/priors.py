@@ -271,9 +271,7 @@ class Priors:
         if unknown:
             raise SpecError(f"unknown key(s) {unknown} in priors; valid: components, patterns, function")
         if data.get("function") and function is None:
-            raise SpecError(
-                f"these priors used the function {data['function']!r}; pass it again as function=..."
-            )
+            raise SpecError(f"these priors used the function {data['function']!r}; pass it again as function=...")
         return cls(data.get("components", {}), data.get("patterns", {}), function)
 
 

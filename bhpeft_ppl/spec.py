@@ -65,9 +65,7 @@ class _Spec:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
-            raise SpecError(
-                f"unknown {cls.__name__} field(s) {unknown}; valid fields are {sorted(names)}"
-            )
+            raise SpecError(f"unknown {cls.__name__} field(s) {unknown}; valid fields are {sorted(names)}")
         return cls(**data)
 
 

@@ -9,4 +9,4 @@ from .head import TaskHead
 from .lora import LoRA
 from .prefix import Prefix, PrefixEncoder
 
-__all__ = ["PEFTLayer", "LoRA", "BottleneckAdapter", "Prefix", "PrefixEncoder", "TaskHead"]
+__all__ = ["BottleneckAdapter", "LoRA", "PEFTLayer", "Prefix", "PrefixEncoder", "TaskHead"]
