@@ -78,7 +78,9 @@ class FitConfig:
             raise SpecError(f"FitConfig.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.estimator not in ESTIMATORS:
             raise SpecError(f"FitConfig.estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
-        if not 0 <= self.warmup_ratio < 1:
+        if not isinstance(self.clip_norm, int | float) or isinstance(self.clip_norm, bool) or not self.clip_norm > 0:
+            raise SpecError(f"FitConfig.clip_norm must be a positive number, got {self.clip_norm!r}")
+        if not isinstance(self.warmup_ratio, int | float) or not 0 <= self.warmup_ratio < 1:
             raise SpecError(f"FitConfig.warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
 
     def to_dict(self) -> dict[str, Any]:
@@ -241,7 +243,16 @@ def fit(
             for epoch in range(config.epochs):
                 for batch in loader:
                     elbo.records = []
-                    loss = elbo.differentiable_loss(model, scaled_guide, batch, num_data)
+                    try:
+                        loss = elbo.differentiable_loss(model, scaled_guide, batch, num_data)
+                    except ValueError as err:  # Pyro's argument checks reject NaN locations and logits
+                        bad = _bad_sites(params)
+                        if bad or "nan" in str(err).lower():
+                            raise DivergenceError(
+                                f"non-finite values at step {step} (epoch {epoch}); non-finite guide parameters: "
+                                f"{bad[:5] or 'none'}; lower FitConfig.lr or check the priors ({str(err).splitlines()[0]})"
+                            ) from None
+                        raise
                     if not torch.isfinite(loss):
                         raise DivergenceError(
                             f"the loss is {float(loss)} at step {step} (epoch {epoch}); non-finite guide "
@@ -258,7 +269,7 @@ def fit(
                     history["lr"].append(optimizer.param_groups[0]["lr"])
                     scheduler.step()
                     loglik = sum(r[0] for r in elbo.records) / len(elbo.records)
-                    value = float(loss)
+                    value = loss.item()
                     history["step"].append(step)
                     history["epoch"].append(epoch)
                     history["loss"].append(value)

@@ -3,7 +3,9 @@
 A site is named ``"<module path>.<weight>"``, where the module path is the
 dotted path of the injected module inside the Hugging Face model, e.g.
 ``encoder.layer.3.attention.self.query.lora_A``.  Hyper-parameters of a
-hierarchical prior hang under their site: ``<site>.horseshoe_tau``.
+hierarchical prior extend their site's name with ``_``: ``<site>_horseshoe_tau``
+(not ``.``: autoguides store parameters in modules nested by the dots, and a
+weight cannot also be a container).
 
 The same matcher selects modules (``target_modules``) and sites (prior and
 guide patterns), with the semantics of Hugging Face ``peft``: a pattern matches
@@ -28,7 +30,7 @@ def site_name(module_path: str, weight: str) -> str:
 
 def hyper_site_name(site: str, hyper: str) -> str:
     """Name of a hyper-parameter site ``hyper`` of the prior of ``site``."""
-    return f"{site}.{hyper}"
+    return f"{site}_{hyper}"
 
 
 @lru_cache(maxsize=4096)

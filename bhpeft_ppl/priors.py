@@ -149,10 +149,11 @@ class Horseshoe(Prior):
         _check_scale("Horseshoe", self.global_scale)
 
     def _dim(self, site: WeightSite) -> int:
-        dim = self.group_dim % len(site.shape) if site.shape else 0
         if not site.shape:
             raise SpecError(f"Horseshoe prior needs a weight with at least one dimension, {site.name} is scalar")
-        return dim
+        if not -len(site.shape) <= self.group_dim < len(site.shape):
+            raise SpecError(f"Horseshoe.group_dim={self.group_dim} is out of range for {site.name} of shape {list(site.shape)}")
+        return self.group_dim % len(site.shape)
 
     def hyper_sites(self, site):
         return [hyper_site_name(site.name, "horseshoe_tau"), hyper_site_name(site.name, "horseshoe_lambda")]

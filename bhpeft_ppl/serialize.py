@@ -36,6 +36,7 @@ FORMAT = "bhpeft_ppl.posterior"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "posterior.safetensors"
 META_FILE = "posterior.json"
+REQUIRED_FIELDS = ("spec", "priors", "guide_spec", "kl_weight", "seed", "sites", "base_model", "weights_sha256")
 
 
 def base_fingerprint(base: torch.nn.Module) -> dict[str, Any]:
@@ -115,6 +116,9 @@ def read_posterior_metadata(directory: str | Path) -> dict[str, Any]:
         raise PosteriorMismatchError(f"{path} is not valid JSON ({err}); the posterior is damaged, refit or restore it") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise PosteriorMismatchError(f"{path} is not a bhpeft_ppl posterior (format field missing or wrong)")
+    missing = [k for k in REQUIRED_FIELDS if k not in meta]
+    if missing:
+        raise PosteriorMismatchError(f"{path} lacks the field(s) {missing}; the posterior is damaged, refit or restore it")
     if meta.get("format_version") != FORMAT_VERSION:
         raise PosteriorMismatchError(
             f"{path} has format version {meta.get('format_version')}, this library reads {FORMAT_VERSION}"
@@ -193,12 +197,16 @@ def load_posterior(directory: str | Path, base: torch.nn.Module, priors_function
     problems = _differences({"base_model": meta["base_model"]}, {"base_model": fingerprint})
     if problems:
         raise PosteriorMismatchError(f"the posterior in {directory} was fitted on another base model: {'; '.join(problems[:4])}")
-    spec = HybridSpec.from_dict(meta["spec"])
-    model = BayesianHybridModel(
-        inject(base, spec),
-        Priors.from_dict(meta["priors"], priors_function),
-        GuideSpec.from_dict(meta["guide_spec"]),
-        meta["kl_weight"],
-        meta["seed"],
-    )
-    return model, load_guide(directory, model)
+    peft = inject(base, HybridSpec.from_dict(meta["spec"]))
+    try:
+        model = BayesianHybridModel(
+            peft,
+            Priors.from_dict(meta["priors"], priors_function),
+            GuideSpec.from_dict(meta["guide_spec"]),
+            meta["kl_weight"],
+            meta["seed"],
+        )
+        return model, load_guide(directory, model)
+    except BaseException:
+        peft.eject()  # leave the base model as it was
+        raise

@@ -29,6 +29,10 @@ POOLINGS = ("auto", "cls", "mean", "last")
 TASKS = ("classification", "multiple_choice")
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _targets(value: Any, owner: str) -> tuple[str, ...] | None:
     if value is None:
         return None
@@ -90,7 +94,7 @@ class LoRASpec(_Spec):
 
     def __post_init__(self):
         object.__setattr__(self, "target_modules", _targets(self.target_modules, "LoRASpec"))
-        if not isinstance(self.rank, int) or self.rank < 1:
+        if not _is_int(self.rank) or self.rank < 1:
             raise SpecError(f"LoRASpec.rank must be a positive integer, got {self.rank!r}")
         if not isinstance(self.alpha, int | float) or self.alpha <= 0:
             raise SpecError(f"LoRASpec.alpha must be positive, got {self.alpha!r}")
@@ -135,7 +139,7 @@ class AdapterSpec(_Spec):
         object.__setattr__(self, "input_modules", _targets(self.input_modules, "AdapterSpec"))
         if self.bottleneck is not None and self.reduction_factor is not None:
             raise SpecError("AdapterSpec: give either bottleneck or reduction_factor, not both")
-        if self.bottleneck is not None and (not isinstance(self.bottleneck, int) or self.bottleneck < 1):
+        if self.bottleneck is not None and (not _is_int(self.bottleneck) or self.bottleneck < 1):
             raise SpecError(f"AdapterSpec.bottleneck must be a positive integer, got {self.bottleneck!r}")
         if self.reduction_factor is not None and (
             not isinstance(self.reduction_factor, int | float) or self.reduction_factor <= 0
@@ -187,7 +191,7 @@ class PrefixSpec(_Spec):
         object.__setattr__(self, "target_modules", _targets(self.target_modules, "PrefixSpec"))
         for name in ("num_virtual_tokens", "embedding_dim", "hidden_dim"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not _is_int(value) or value < 1:
                 raise SpecError(f"PrefixSpec.{name} must be a positive integer, got {value!r}")
 
 
@@ -209,7 +213,7 @@ class HeadSpec(_Spec):
     pooling: str = "auto"
 
     def __post_init__(self):
-        if not isinstance(self.num_labels, int) or self.num_labels < 2:
+        if not _is_int(self.num_labels) or self.num_labels < 2:
             raise SpecError(f"HeadSpec.num_labels must be an integer >= 2, got {self.num_labels!r}")
         if self.task not in TASKS:
             raise SpecError(f"HeadSpec.task must be one of {TASKS}, got {self.task!r}")
