@@ -187,6 +187,58 @@ def trainable_parameters(model: BayesianHybridModel, guide) -> dict[str, torch.n
     return params
 
 
+class SVIStep:
+    """One SVI update of ``model``'s guide: ELBO estimate, backward pass, divergence
+    checks, a ``ClippedAdam`` step and the learning-rate schedule.
+
+    Call it inside :func:`~bhpeft_ppl.guides.local_params`; :func:`fit` does.
+
+    :param num_data: :math:`N`, the size the minibatch plate is scaled to.
+    :param total_steps: length of the learning-rate schedule.
+    """
+
+    def __init__(self, model: BayesianHybridModel, guide, config: FitConfig, num_data: int, total_steps: int):
+        self.model, self.config, self.num_data = model, config, num_data
+        self.params = trainable_parameters(model, guide)
+        self.optimizer = ClippedAdam(list(self.params.values()), lr=config.lr, clip_norm=config.clip_norm)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, _lr_lambda(config.schedule, int(config.warmup_ratio * total_steps), total_steps)
+        )
+        estimator = RecordingTraceMeanFieldELBO if config.estimator == "mean_field" else RecordingTraceELBO
+        self.elbo = estimator(num_particles=config.num_particles, vectorize_particles=False)
+        self.guide = model.scaled_guide(guide)
+        self.step = 0
+
+    def _diverged(self, what: str, epoch: int, bad: list[str], hint: str) -> DivergenceError:
+        return DivergenceError(f"{what} at step {self.step} (epoch {epoch}); non-finite: {bad[:5] or 'no parameter yet'}; {hint}")
+
+    def __call__(self, batch: dict, epoch: int = 0) -> dict[str, float]:
+        """Update once on ``batch``; returns ``loss``, ``log_likelihood``, ``kl`` and ``lr`` of this step."""
+        self.elbo.records = []
+        hint = "lower FitConfig.lr or check the priors"
+        try:
+            loss = self.elbo.differentiable_loss(self.model, self.guide, batch, self.num_data)
+        except ValueError as err:  # Pyro's argument checks reject NaN locations and logits
+            bad = _bad_sites(self.params)
+            if bad or "nan" in str(err).lower():
+                raise self._diverged(f"non-finite values ({str(err).splitlines()[0]})", epoch, bad, hint) from None
+            raise
+        value = loss.item()
+        if not math.isfinite(value):
+            raise self._diverged(f"the loss is {value}", epoch, _bad_sites(self.params), hint)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        bad = _bad_sites({n: p.grad for n, p in self.params.items()})
+        if bad:
+            raise self._diverged("non-finite gradient", epoch, bad, "lower FitConfig.lr or clip_norm")
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        loglik = sum(r[0] for r in self.elbo.records) / len(self.elbo.records)
+        return {"loss": value, "log_likelihood": loglik, "kl": (value + loglik) / self.model.kl_weight, "lr": lr}
+
+
 def fit(
     model: BayesianHybridModel,
     data: Dataset,
@@ -222,68 +274,27 @@ def fit(
             collate_fn=collate_fn or Collator(),
             generator=torch.Generator().manual_seed(config.seed),
         )
-        steps_per_epoch = len(loader)
-        total = steps_per_epoch * config.epochs
+        total = len(loader) * config.epochs
         if config.max_steps is not None:
             total = min(total, config.max_steps)
-        params = trainable_parameters(model, guide)
-        optimizer = ClippedAdam(list(params.values()), lr=config.lr, clip_norm=config.clip_norm)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, _lr_lambda(config.schedule, int(config.warmup_ratio * total), total)
-        )
-        estimator = RecordingTraceMeanFieldELBO if config.estimator == "mean_field" else RecordingTraceELBO
-        elbo = estimator(num_particles=config.num_particles, vectorize_particles=False)
-        scaled_guide = model.scaled_guide(guide)
+        update = SVIStep(model, guide, config, num_data, total)
         history: dict[str, list[float]] = {k: [] for k in ("step", "epoch", "loss", "log_likelihood", "kl", "lr")}
         stopped = False
-        step = 0
         model.train()
         bar = tqdm(total=total, disable=not config.progress, desc="SVI", unit="step")
         try:
             for epoch in range(config.epochs):
                 for batch in loader:
-                    elbo.records = []
-                    try:
-                        loss = elbo.differentiable_loss(model, scaled_guide, batch, num_data)
-                    except ValueError as err:  # Pyro's argument checks reject NaN locations and logits
-                        bad = _bad_sites(params)
-                        if bad or "nan" in str(err).lower():
-                            raise DivergenceError(
-                                f"non-finite values at step {step} (epoch {epoch}); non-finite guide parameters: "
-                                f"{bad[:5] or 'none'}; lower FitConfig.lr or check the priors ({str(err).splitlines()[0]})"
-                            ) from None
-                        raise
-                    if not torch.isfinite(loss):
-                        raise DivergenceError(
-                            f"the loss is {float(loss)} at step {step} (epoch {epoch}); non-finite guide "
-                            f"parameters: {_bad_sites(params)[:5] or 'none'}; lower FitConfig.lr or check the priors"
-                        )
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    bad = _bad_sites({n: p.grad for n, p in params.items()})
-                    if bad:
-                        raise DivergenceError(
-                            f"non-finite gradient at step {step} (epoch {epoch}) for {bad[:5]}; lower FitConfig.lr or clip_norm"
-                        )
-                    optimizer.step()
-                    history["lr"].append(optimizer.param_groups[0]["lr"])
-                    scheduler.step()
-                    loglik = sum(r[0] for r in elbo.records) / len(elbo.records)
-                    value = loss.item()
-                    history["step"].append(step)
+                    history["step"].append(update.step)
                     history["epoch"].append(epoch)
-                    history["loss"].append(value)
-                    history["log_likelihood"].append(loglik)
-                    history["kl"].append((value + loglik) / model.kl_weight)
-                    step += 1
+                    for key, value in update(batch, epoch).items():
+                        history[key].append(value)
                     bar.update(1)
-                    bar.set_postfix(loss=f"{value:.4g}")
-                    state = FitState(step, epoch, history)
-                    if any(bool(cb(state)) for cb in callbacks):
-                        stopped = True
-                    if stopped or step >= total:
+                    bar.set_postfix(loss=f"{history['loss'][-1]:.4g}")
+                    stopped = any(bool(cb(FitState(update.step, epoch, history))) for cb in callbacks)
+                    if stopped or update.step >= total:
                         break
-                if stopped or step >= total:
+                if stopped or update.step >= total:
                     break
         finally:
             bar.close()
