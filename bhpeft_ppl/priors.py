@@ -24,7 +24,7 @@ LoRA A, B          Normal(0, 0.1)           the paper's released prior and BLoB'
 adapter weights    Normal(0, 0.1)           same as LoRA: small updates of a pretrained block
 prefix keys/values Normal(0, 1)             key/value activations of pretrained models are O(1)
 gates              Normal(0, 1)             covers "off" (0) and "fully on" (1) equally
-head weight        Normal(0, fan_in)        a priori logits of order 1 for unit-scale features
+head weight        Normal(0, 0.5)           pooled features of MiniLM have norm ~5: a priori logits ~2.5
 head bias          Normal(0, 1)             a priori class log-odds of order 1
 =================  =======================  ======================================================
 """
@@ -196,7 +196,7 @@ DEFAULT_COMPONENT_PRIORS: dict[str, Prior] = {
     "lora": Normal(0.1),
     "adapter": Normal(0.1),
     "prefix": Normal(1.0),
-    "head": Normal("fan_in"),
+    "head": Normal(0.5),
 }
 DEFAULT_PATTERN_PRIORS: dict[str, Prior] = {
     "gate_weight": Normal("fan_in"),

@@ -223,8 +223,8 @@ def test_default_head_bias_prior_differs_from_head_weight():
     priors = Priors()
     weight, bias = priors.for_site(HEAD_W), priors.for_site(HEAD_B)
     assert weight != bias
-    # weight: fan-in scale; bias: unit scale
-    assert torch.allclose(weight.distribution(HEAD_W).base_dist.scale, torch.full(HEAD_W.shape, 1 / math.sqrt(32)))
+    # weight: the documented 0.5 (a priori logits of a few units for MiniLM's pooled features); bias: unit scale
+    assert torch.allclose(weight.distribution(HEAD_W).base_dist.scale, torch.full(HEAD_W.shape, 0.5))
     assert torch.allclose(bias.distribution(HEAD_B).base_dist.scale, torch.ones(HEAD_B.shape))
 
 
