@@ -7,8 +7,6 @@ and the data are token ids drawn from a seeded generator.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaModel
@@ -96,14 +94,3 @@ def state_copy(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 def states_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     """Same keys and bit-identical tensors."""
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-@contextmanager
-def one_thread() -> Iterator[None]:
-    """Run torch on one thread: the tiny models are much faster so on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)

@@ -7,7 +7,7 @@ import math
 import pyro
 import pytest
 import torch
-from helpers import one_thread, separable_dataset, small_spec, state_copy, states_equal, tiny_bert, tiny_llama
+from helpers import separable_dataset, small_spec, state_copy, states_equal, tiny_bert, tiny_llama
 
 from bhpeft_ppl.data import EncodedDataset
 from bhpeft_ppl.errors import DivergenceError, SpecError
@@ -19,12 +19,6 @@ from bhpeft_ppl.predict import predict
 from bhpeft_ppl.spec import HybridSpec
 
 HISTORY_KEYS = {"step", "epoch", "loss", "log_likelihood", "kl", "lr"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    with one_thread():
-        yield
 
 
 def _mean(values):

@@ -8,7 +8,6 @@ import torch
 from helpers import (
     choice_dataset,
     full_batch,
-    one_thread,
     separable_dataset,
     small_spec,
     tiny_bert,
@@ -25,12 +24,6 @@ from bhpeft_ppl.inject import inject
 from bhpeft_ppl.model import BayesianHybridModel
 from bhpeft_ppl.priors import Horseshoe, Priors
 from bhpeft_ppl.spec import HeadSpec, HybridSpec
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    with one_thread():
-        yield
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyro
 import pytest
 import torch
-from helpers import choice_dataset, full_batch, one_thread, separable_dataset, small_spec, state_copy, states_equal, tiny_bert
+from helpers import choice_dataset, full_batch, separable_dataset, small_spec, state_copy, states_equal, tiny_bert
 
 from bhpeft_ppl.data import EncodedDataset
 from bhpeft_ppl.guides import GuideSpec, local_params
@@ -22,12 +22,6 @@ GUIDES = {
     "low_rank": GuideSpec(default="low_rank", init_scale=0.1, rank=2),
     "blob": GuideSpec(default="point", patterns={"lora_A": "mean_field"}, init_scale=0.1),
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    with one_thread():
-        yield
 
 
 @pytest.fixture(scope="module")

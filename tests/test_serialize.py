@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 import torch
-from helpers import one_thread, separable_dataset, small_spec, tiny_bert
+from helpers import separable_dataset, small_spec, tiny_bert
 
 from bhpeft_ppl.errors import PosteriorMismatchError
 from bhpeft_ppl.guides import GuideSpec
@@ -31,12 +31,6 @@ CASES = {
     "blob": (GuideSpec.blob(), None),
     "horseshoe_low_rank": (GuideSpec(default="low_rank", rank=2), Priors(patterns={"lora_A": Horseshoe()})),
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    with one_thread():
-        yield
 
 
 @pytest.fixture(scope="module")
