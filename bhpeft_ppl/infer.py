@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import pyro
@@ -112,7 +112,6 @@ class FitResult:
     config: FitConfig
     stopped_early: bool = False
     num_data: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class EarlyStopping:
