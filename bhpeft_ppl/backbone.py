@@ -31,21 +31,33 @@ def resolve_model_path(name_or_path: str) -> str:
     return str(name_or_path)
 
 
+def is_causal_lm(config) -> bool:
+    """Whether a model config names a decoder with a language-model head (``*ForCausalLM``, ``*LMHeadModel``)."""
+    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in (getattr(config, "architectures", None) or []))
+
+
+def _tokenizer_kwargs(kwargs: dict) -> dict:
+    return {k: v for k, v in kwargs.items() if k == "gguf_file"}
+
+
 def load_backbone(name_or_path: str = "minilm", **kwargs):
-    """``(model, tokenizer)``: a Hugging Face ``AutoModel`` (no task head, SDPA attention) and its tokenizer.
+    """``(model, tokenizer)`` with SDPA attention: an ``AutoModel`` (no task head) for
+    encoders, an ``AutoModelForCausalLM`` for decoders (its LM head scores answer letters).
 
     Local folders load with ``local_files_only=True``; nothing is downloaded for them.
     """
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(name_or_path)
     local = os.path.isdir(path)
     if not local and os.environ.get("HF_HUB_OFFLINE") == "1":
         raise BHPEFTError(f"{name_or_path!r} is neither a bundled model nor a local folder, and HF_HUB_OFFLINE=1")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)
-        model = AutoModel.from_pretrained(path, local_files_only=local, attn_implementation="sdpa", **kwargs)
-    except OSError as err:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local, **_tokenizer_kwargs(kwargs))
+        config = AutoConfig.from_pretrained(path, local_files_only=local, **_tokenizer_kwargs(kwargs))
+        auto = AutoModelForCausalLM if is_causal_lm(config) else AutoModel
+        model = auto.from_pretrained(path, local_files_only=local, attn_implementation="sdpa", **kwargs)
+    except (OSError, ValueError) as err:
         raise BHPEFTError(f"cannot load the model {name_or_path!r}: {err}") from None
     model.eval()
     return model, tokenizer

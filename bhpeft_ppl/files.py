@@ -6,14 +6,18 @@ fsyncs it, then renames it over the target (atomic on POSIX).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from .errors import BHPEFTError
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
@@ -26,11 +30,18 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -57,3 +68,40 @@ def library_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             out[name] = "not installed"
     return out
+
+
+RUN_MARKERS = ("run.json", "metrics.json", "config.toml")
+
+
+@contextlib.contextmanager
+def staged_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Build a folder in a hidden sibling and move it to ``path`` only when the block succeeds.
+
+    A crash or Ctrl-C leaves ``path`` as it was (and removes the partial folder).
+    An existing ``path`` is replaced only if it is empty or a previous run
+    folder (it holds one of :data:`RUN_MARKERS`); anything else is an error, so
+    that no user file is ever deleted.
+    """
+    path = Path(path)
+    if path.exists():
+        if not path.is_dir():
+            raise BHPEFTError(f"output {path} exists and is not a folder; choose another --out")
+        if any(path.iterdir()) and not any((path / m).exists() for m in RUN_MARKERS):
+            raise BHPEFTError(f"output folder {path} is not empty and is not a run folder; choose another --out")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    except OSError as err:
+        raise BHPEFTError(f"cannot write the output folder {path}: {err.strerror}; choose a writable --out") from None
+    try:
+        yield staging
+        old = None
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / "run")
+        os.replace(staging, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

@@ -99,6 +99,20 @@ class GuideSpec:
 
     # Presets -------------------------------------------------------------------
     @classmethod
+    def preset(cls, name: str) -> GuideSpec:
+        """A named preset: ``mean_field`` (the default), ``low_rank``, ``map``, ``blob`` or ``paper_released``."""
+        presets = {
+            "mean_field": cls,
+            "low_rank": lambda: cls(default="low_rank"),
+            "map": cls.map,
+            "blob": cls.blob,
+            "paper_released": cls.paper_released,
+        }
+        if name not in presets:
+            raise SpecError(f"unknown guide preset {name!r}; choose one of {sorted(presets)}")
+        return presets[name]()
+
+    @classmethod
     def map(cls) -> GuideSpec:
         """Every site MAP: the point-estimate twin of a Bayesian fit."""
         return cls(default="map")

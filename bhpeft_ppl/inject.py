@@ -94,13 +94,18 @@ class HybridPEFT(nn.Module):
     Holds no trainable parameter: the PEFT weights of a forward pass are passed
     in as a ``{site name: tensor}`` mapping (see :meth:`forward`).
 
-    :ivar base: the frozen Hugging Face model (``AutoModel``: no task head).
+    :ivar base: the frozen Hugging Face model: an ``AutoModel`` (no task head) or,
+        for decoders, an ``AutoModelForCausalLM`` whose LM head scores answer letters.
+    :ivar body: ``base.base_model``, the Transformer that gives the hidden states.
+    :ivar scoring: ``classification``, ``per_choice`` or ``answer_letters``
+        (see :class:`~bhpeft_ppl.spec.HeadSpec`).
     :ivar sites: ordered ``{site name: WeightSite}`` of every PEFT weight.
     """
 
     def __init__(self, base: nn.Module, spec: HybridSpec):
         super().__init__()
         self.base = base
+        self.body = base.base_model
         self.spec = spec
         self.peft_layers = nn.ModuleList()
         self._handles: list = []
@@ -147,7 +152,7 @@ class HybridPEFT(nn.Module):
         base.set_attn_implementation(attention.ATTENTION_NAME)
         try:
             with torch.no_grad(), attention.discover_attention() as calls:
-                out = base(**_dummy_inputs(base))
+                out = self.body(**_dummy_inputs(base))
         finally:
             for h in probes:
                 h.remove()
@@ -178,12 +183,29 @@ class HybridPEFT(nn.Module):
         else:
             base.set_attn_implementation(self._original_attention or "sdpa")
 
-        head = TaskHead(self.hidden_size, spec.head.outputs, getattr(base.config, "initializer_range", 0.02))
-        self.peft_layers.append(head)
-        self.head = head
+        self.scoring = self._resolve_scoring()
+        self.head = None
+        if self.scoring != "answer_letters":
+            outputs = spec.head.num_labels if self.scoring == "classification" else 1
+            self.head = TaskHead(self.hidden_size, outputs, getattr(base.config, "initializer_range", 0.02))
+            self.peft_layers.append(self.head)
         self.sites: OrderedDict[str, WeightSite] = OrderedDict(
             (site.name, site) for layer in self.peft_layers for site in layer.sites
         )
+
+    def _resolve_scoring(self) -> str:
+        head = self.spec.head
+        if head.task == "classification":
+            return "classification"
+        has_lm_head = self.base.get_output_embeddings() is not None
+        if head.scoring == "answer_letters" and not has_lm_head:
+            raise SpecError(
+                "HeadSpec.scoring='answer_letters' needs the decoder's language-model head; "
+                "load the base with AutoModelForCausalLM (load_backbone does so for decoders)"
+            )
+        if head.scoring == "answer_letters" or (head.scoring == "auto" and self.is_decoder and has_lm_head):
+            return "answer_letters"
+        return "per_choice"
 
     def _add(self, layer: PEFTLayer, module: nn.Module) -> None:
         self.peft_layers.append(layer)
@@ -269,9 +291,13 @@ class HybridPEFT(nn.Module):
         """Logits ``[B, C]`` (classification) or choice scores ``[B, K]`` (multiple choice).
 
         :param batch: ``input_ids`` and ``attention_mask`` of shape ``[B, T]``, or
-            ``[B, K, T]`` for multiple choice; optional ``token_type_ids``.
+            ``[B, K, T]`` for multiple choice scored per choice; optional
+            ``token_type_ids``; for ``answer_letters`` scoring, ``choice_token_ids [B, K]``
+            (the token id of each choice's letter).
         :param weights: ``{site name: tensor}`` for every site in :attr:`sites`.
         """
+        if self.scoring == "answer_letters":
+            return self._letter_scores(batch, weights)
         ids, mask = batch["input_ids"], batch["attention_mask"]
         choices = ids.dim() == 3
         if choices:
@@ -281,11 +307,28 @@ class HybridPEFT(nn.Module):
         if "token_type_ids" in batch:
             extra["token_type_ids"] = batch["token_type_ids"].reshape(ids.shape)
         with self.bind(weights):
-            hidden = self.base(input_ids=ids, attention_mask=mask, **extra).last_hidden_state  # [N, T, d]
+            hidden = self.body(input_ids=ids, attention_mask=mask, **extra).last_hidden_state  # [N, T, d]
             out = self.head(self.pool(hidden, mask))  # [N, outputs]
         if choices:
             return out.reshape(b, k)  # [B, K]
         return out
+
+    def _letter_scores(self, batch: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Next-token logits of the answer letters after the prompt: ``[B, K]``."""
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        letters = batch.get("choice_token_ids")
+        if ids.dim() != 2 or letters is None:
+            raise SpecError(
+                "answer_letters scoring needs one prompt per example (input_ids [B, T]) and choice_token_ids [B, K]; "
+                "encode the data with bhpeft_ppl.data.encode_letter_prompts"
+            )
+        t = mask.shape[1]
+        last = t - 1 - torch.argmax(mask.flip(1).to(torch.long), dim=1)  # [B] last attended position
+        with self.bind(weights):
+            hidden = self.body(input_ids=ids, attention_mask=mask).last_hidden_state  # [B, T, d]
+            final = hidden[torch.arange(ids.shape[0], device=ids.device), last]  # [B, d]
+            vocab_logits = self.base.get_output_embeddings()(final)  # [B, V]
+        return vocab_logits.gather(1, letters.to(vocab_logits.device))  # [B, K]
 
 
 def inject(base: nn.Module, spec: HybridSpec) -> HybridPEFT:

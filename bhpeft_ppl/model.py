@@ -16,12 +16,18 @@ sites are scaled by ``kl_weight`` :math:`\\beta` (model and guide alike), so
 the objective is :math:`\\mathbb{E}_q[\\log p(y \\mid w)] - \\beta\\,\\mathrm{KL}(q \\,\\|\\, p)`;
 :math:`\\beta = 1` (default) is the proper ELBO.  Sites whose guide family is
 ``point`` are ``pyro.param`` (no prior), held by this module.
+
+The Pyro model itself is a plain function ``model(hybrid, batch, num_data)``
+(:func:`categorical_model` by default, or the ``model`` of a file in
+``models/``); it must observe the labels at a site named ``obs`` inside a
+plate named ``data``.  Predictions read the distribution of that site, so a
+model file that changes the likelihood changes the predictions with it.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import pyro
 import pyro.distributions as dist
@@ -34,9 +40,31 @@ from .guides import GuideSpec, build_guide, local_params
 from .inject import HybridPEFT
 from .priors import Priors, as_priors
 
+OBS_SITE = "obs"
+PLATE = "data"
+
 
 def _point_key(name: str) -> str:
     return name.replace(".", "__")
+
+
+def categorical_model(hybrid: BayesianHybridModel, batch: Mapping[str, torch.Tensor], num_data: int) -> torch.Tensor:
+    """The default Pyro model: every PEFT weight from its prior, then
+    :math:`y_n \\sim \\mathrm{Categorical}(\\mathrm{softmax}(f(x_n; w)))` in the plate ``data``.
+
+    :param hybrid: the :class:`BayesianHybridModel` (priors, sites, base model).
+    :param batch: a batch of :mod:`bhpeft_ppl.data` (``index`` is the plate's subsample).
+    :param num_data: :math:`N`, the size of the whole dataset (the plate's size).
+    :returns: the logits ``[B, C]``.
+    """
+    weights = hybrid.sample_weights()  # w_s ~ p_s(w_s) for every PEFT site
+    logits = hybrid.peft(batch, weights)  # [B, C]
+    with pyro.plate(PLATE, size=num_data, subsample=batch["index"]):
+        pyro.sample(OBS_SITE, dist.Categorical(logits=logits), obs=batch.get("labels"))
+    return logits
+
+
+ModelFunction = Callable[["BayesianHybridModel", Mapping[str, torch.Tensor], int], torch.Tensor]
 
 
 class BayesianHybridModel(nn.Module):
@@ -48,6 +76,8 @@ class BayesianHybridModel(nn.Module):
     :param guide_spec: families per component/site (:class:`~bhpeft_ppl.guides.GuideSpec`).
     :param kl_weight: :math:`\\beta` on the prior/KL term; 1 is the proper ELBO.
     :param seed: seed of the initial values of every PEFT weight.
+    :param model_fn: the Pyro model ``model(hybrid, batch, num_data)``; default
+        :func:`categorical_model`.
     """
 
     def __init__(
@@ -57,8 +87,12 @@ class BayesianHybridModel(nn.Module):
         guide_spec: GuideSpec | None = None,
         kl_weight: float = 1.0,
         seed: int = 0,
+        model_fn: ModelFunction | None = None,
     ):
         super().__init__()
+        if model_fn is not None and not callable(model_fn):
+            raise SpecError(f"model_fn must be a function model(hybrid, batch, num_data), got {type(model_fn).__name__}")
+        self.model_fn = model_fn or categorical_model
         if not isinstance(kl_weight, int | float) or not kl_weight > 0:
             raise SpecError(f"kl_weight must be a positive number, got {kl_weight!r}")
         self.peft = peft
@@ -104,21 +138,32 @@ class BayesianHybridModel(nn.Module):
                     weights[name] = self.priors.for_site(site).sample(site)
         return weights
 
-    def likelihood(self, logits: torch.Tensor, batch: Mapping[str, torch.Tensor], num_data: int | None) -> None:
-        """:math:`y_n \\sim \\mathrm{Categorical}(\\mathrm{logits}_n)` in a plate scaled to ``num_data``."""
-        b = logits.shape[0]
-        index = batch.get("index")
-        subsample = index if index is not None else torch.arange(b, device=logits.device)
-        size = int(num_data) if num_data is not None else b
-        with pyro.plate("data", size=size, subsample=subsample):
-            pyro.sample("obs", dist.Categorical(logits=logits), obs=batch.get("labels"))
-
     def forward(self, batch: Mapping[str, torch.Tensor], num_data: int | None = None) -> torch.Tensor:
-        """The Pyro model: weights from the prior, base-model logits ``[B, C]``, likelihood."""
-        weights = self.sample_weights()
-        logits = self.peft(batch, weights)  # [B, C]
-        self.likelihood(logits, batch, num_data)
-        return logits
+        """Run the Pyro model on ``batch`` (the plate scaled to ``num_data``, default the batch size)."""
+        if "index" not in batch:
+            batch = {**batch, "index": torch.arange(batch["input_ids"].shape[0])}
+        size = int(num_data) if num_data is not None else int(batch["index"].shape[0])
+        return self.model_fn(self, batch, size)
+
+    @torch.no_grad()
+    def predictive(
+        self, batch: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Class probabilities ``[B, C]`` at the weights ``weights`` (latent sites), read off
+        the ``obs`` site of the model, and the log-likelihood of the labels ``[B]`` if the batch has them."""
+        trace = poutine.trace(poutine.condition(self.forward, data=dict(weights))).get_trace(batch)
+        node = trace.nodes.get(OBS_SITE)
+        if node is None or node["type"] != "sample":
+            raise SpecError(
+                f"the model function {getattr(self.model_fn, '__name__', '?')} has no sample site named "
+                f"{OBS_SITE!r}; observe the labels with pyro.sample({OBS_SITE!r}, ..., obs=batch.get('labels'))"
+            )
+        fn = node["fn"]
+        probs = getattr(fn, "probs", None)
+        if probs is None:
+            raise SpecError(f"the {OBS_SITE!r} site must be a Categorical-like distribution with .probs, got {type(fn).__name__}")
+        log_lik = fn.log_prob(node["value"]) if node["is_observed"] else None  # [B]
+        return probs, log_lik
 
     # The guide -----------------------------------------------------------------
     def _init_loc(self, site) -> torch.Tensor | None:

@@ -39,12 +39,14 @@ class Predictions:
     :ivar mean_probs: ``[N, C]`` the model average :math:`\\bar p`.
     :ivar point_probs: ``[N, C]`` the prediction at the guide's location (posterior mean for Normal guides).
     :ivar labels: ``[N]`` true labels when the data had them, else ``None``.
+    :ivar log_likelihood: ``[S, N]`` :math:`\\log p(y_n \\mid w^{(s)})` when labels are known, else ``None``.
     """
 
     probs: torch.Tensor
     mean_probs: torch.Tensor
     point_probs: torch.Tensor
     labels: torch.Tensor | None
+    log_likelihood: torch.Tensor | None = None
 
     @property
     def predicted(self) -> torch.Tensor:
@@ -117,21 +119,22 @@ def predict(
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     draws = posterior_draws(guide, num_samples, seed)
-    points = {k: v.detach() for k, v in model.point_values().items()}
-    location = {**posterior_location(guide), **points}
+    location = posterior_location(guide)
     loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate_fn or Collator())
     model.eval()
-    per_batch, point, labels = [], [], []
+    per_batch, per_batch_loglik, point, labels = [], [], [], []
     for batch in tqdm(loader, disable=not progress, desc="predict", unit="batch"):
-        probs = torch.stack([model.peft(batch, {**w, **points}).softmax(-1) for w in draws])  # [S, B, C]
-        per_batch.append(probs)
-        point.append(model.peft(batch, location).softmax(-1))  # [B, C]
+        outputs = [model.predictive(batch, w) for w in draws]
+        per_batch.append(torch.stack([p for p, _ in outputs]))  # [S, B, C]
         if "labels" in batch:
             labels.append(batch["labels"])
+            per_batch_loglik.append(torch.stack([ll for _, ll in outputs]))  # [S, B]
+        point.append(model.predictive(batch, location)[0])  # [B, C]
     probs = torch.cat(per_batch, dim=1)  # [S, N, C]
     return Predictions(
         probs=probs,
         mean_probs=probs.mean(0),
         point_probs=torch.cat(point),
         labels=torch.cat(labels) if labels else None,
+        log_likelihood=torch.cat(per_batch_loglik, dim=1) if labels else None,  # [S, N]
     )

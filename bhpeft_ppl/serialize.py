@@ -185,11 +185,12 @@ def load_guide(directory: str | Path, model: BayesianHybridModel):
     return guide
 
 
-def load_posterior(directory: str | Path, base: torch.nn.Module, priors_function=None):
+def load_posterior(directory: str | Path, base: torch.nn.Module, priors_function=None, model_fn=None):
     """Rebuild the model saved in ``directory`` on ``base`` and load its posterior.
 
     :param base: the same pretrained model (checked by fingerprint).
     :param priors_function: the prior function, if the saved priors used one.
+    :param model_fn: the Pyro model function (a model file's ``model``); default the categorical model.
     :returns: ``(model, guide)``.
     """
     meta = read_posterior_metadata(directory)
@@ -205,6 +206,7 @@ def load_posterior(directory: str | Path, base: torch.nn.Module, priors_function
             GuideSpec.from_dict(meta["guide_spec"]),
             meta["kl_weight"],
             meta["seed"],
+            model_fn,
         )
         return model, load_guide(directory, model)
     except BaseException:

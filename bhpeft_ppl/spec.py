@@ -27,6 +27,7 @@ NON_LINEARITIES = ("relu", "gelu", "tanh", "silu")
 PLACEMENTS = ("sequential", "parallel")
 POOLINGS = ("auto", "cls", "mean", "last")
 TASKS = ("classification", "multiple_choice")
+SCORINGS = ("auto", "per_choice", "answer_letters")
 
 
 def _is_int(value: Any) -> bool:
@@ -205,12 +206,20 @@ class HeadSpec(_Spec):
     :param pooling: ``cls`` (first token), ``mean`` (over unmasked tokens),
         ``last`` (last unmasked token), or ``auto``: ``mean`` for encoders,
         ``last`` for decoders.
+    :param scoring: how ``multiple_choice`` is scored: ``per_choice`` (each
+        (question, choice) pair encoded apart, a linear score of its pooled
+        state), ``answer_letters`` (one prompt listing the lettered choices; the
+        score of choice :math:`k` is the next-token logit of its letter, from the
+        decoder's own language-model head, so there are no head weights), or
+        ``auto``: ``answer_letters`` for decoders loaded with their LM head,
+        ``per_choice`` otherwise.
     """
 
     kind: ClassVar[str] = "head"
     num_labels: int = 2
     task: str = "classification"
     pooling: str = "auto"
+    scoring: str = "auto"
 
     def __post_init__(self):
         if not _is_int(self.num_labels) or self.num_labels < 2:
@@ -219,6 +228,10 @@ class HeadSpec(_Spec):
             raise SpecError(f"HeadSpec.task must be one of {TASKS}, got {self.task!r}")
         if self.pooling not in POOLINGS:
             raise SpecError(f"HeadSpec.pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        if self.scoring not in SCORINGS:
+            raise SpecError(f"HeadSpec.scoring must be one of {SCORINGS}, got {self.scoring!r}")
+        if self.task == "classification" and self.scoring != "auto":
+            raise SpecError(f"HeadSpec.scoring={self.scoring!r} applies to task='multiple_choice' only; leave it 'auto'")
 
     @property
     def outputs(self) -> int:
