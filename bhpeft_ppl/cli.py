@@ -32,7 +32,10 @@ def _parse_value(scalar: type, optional: bool, is_list: bool):
         if optional and text.lower() in ("none", "null", ""):
             return None
         if is_list:
-            return [v.strip() for v in text.split(",") if v.strip()]
+            try:
+                return [scalar(v.strip()) for v in text.split(",") if v.strip()]
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"expected comma-separated {scalar.__name__} values, got {text!r}") from None
         try:
             return scalar(text)
         except ValueError:
@@ -77,7 +80,7 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    skip = {"command", "run", "config", "run_dir", "data_file"}
+    skip = {"command", "run", "config", "run_dir", "data_file", "command_line"}
     return {k: v for k, v in vars(args).items() if k not in skip}
 
 
@@ -96,7 +99,7 @@ def _fit(args: argparse.Namespace) -> int:
     from .workflow import fit_run
 
     config = load_config(args.config, _overrides(args))
-    metrics = fit_run(config)
+    metrics = fit_run(config, command=args.command_line)
     _print_metrics(metrics)
     print(f"wrote {config.out}")
     return 0
@@ -197,17 +200,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(message: object) -> str:
+    """The message with its line breaks (e.g. from a library's exception text) folded into spaces."""
+    return " ".join(str(message).split())
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run a subcommand; errors print one line (exit 2 for input errors, 1 for failed writes)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.command_line = "bhpeft " + " ".join(argv)
     try:
         return args.run(args)
     except BHPEFTError as err:
-        print(f"bhpeft: error: {err}", file=sys.stderr)
+        print(f"bhpeft: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except OSError as err:
         where = f" {err.filename}" if err.filename else ""
-        print(f"bhpeft: error: cannot read or write{where}: {err.strerror or err}", file=sys.stderr)
+        print(f"bhpeft: error: cannot read or write{where}: {_one_line(err.strerror or err)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("bhpeft: interrupted; nothing was written to the run folder", file=sys.stderr)

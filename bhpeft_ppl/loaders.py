@@ -198,15 +198,13 @@ def read_split(
     :param hub_split: the Hub split to load (default ``"train"``).
     :param require_labels: with ``False``, a classification file with a header (CSV, TSV,
         JSONL) may lack the label column (texts to predict); the dataset then has no
-        ``label`` column and ``label_names`` must be given.
+        ``label`` column and the returned label names are ``label_names`` (possibly ``None``).
     :returns: the dataset and its label names.
     :raises DataError: the file or its rows cannot be read as ``task`` data.
     """
     kind = _task_kind(task)
     _check_format(format)
     names = _check_label_names(label_names)
-    if not require_labels and names is None:
-        raise DataError("reading unlabelled data needs label_names (the classes the model predicts)")
     return _read(
         path_or_hub_id, task, kind, format, text_column, label_column, names, "label_names", hub_split or "train", require_labels
     )

@@ -98,7 +98,7 @@ def resolve_model_file(name: str | Path) -> Path:
     if path.is_file():
         return path
     candidate = REPOSITORY_MODELS / f"{path.stem}.py"
-    if path.parent in (Path("."), Path("models")) and candidate.is_file():
+    if path.suffix in ("", ".py") and path.parent in (Path("."), Path("models")) and candidate.is_file():
         return candidate
     known = sorted(p.stem for p in REPOSITORY_MODELS.glob("*.py")) if REPOSITORY_MODELS.is_dir() else []
     raise SpecError(f"model file {name} not found; give the path of a .py file" + (f" or one of {known}" if known else ""))
@@ -132,12 +132,15 @@ def load_model_file(path: str | Path) -> ModelFile:
         priors = Priors.from_dict(getattr(module, "PRIORS", {}))
         guide = getattr(module, "GUIDE", None)
         guide = GuideSpec.preset(guide) if isinstance(guide, str) else GuideSpec.from_dict(guide or {})
-        spec_check = {**module.SPEC, "head": {**module.SPEC.get("head", {}), "num_labels": 2}}
+        head = module.SPEC.get("head", {})
+        if not isinstance(head, dict):
+            raise SpecError(f"SPEC['head'] must be a mapping (HeadSpec.to_dict() form), got {type(head).__name__}")
+        spec_check = {**module.SPEC, "head": {**head, "num_labels": 2}}
         HybridSpec.from_dict(spec_check)
     except SpecError as err:
         raise SpecError(f"{path}: {err}") from None
     kl_weight = getattr(module, "KL_WEIGHT", 1.0)
-    if not isinstance(kl_weight, int | float) or not kl_weight > 0:
+    if isinstance(kl_weight, bool) or not isinstance(kl_weight, int | float) or not kl_weight > 0:
         raise SpecError(f"{path}: KL_WEIGHT must be a positive number, got {kl_weight!r}")
     return ModelFile(
         path=path,

@@ -212,18 +212,23 @@ PriorFunction = Callable[[WeightSite], "Prior | None"]
 class Priors:
     """Which prior each site gets.
 
-    Resolution for a site: the first of ``patterns`` that matches its name
-    (exact, ``.``-suffix or regex); else ``components[site.component]``; else
-    ``function(site)`` if given and not ``None``; else the library defaults.
+    Resolution for a site: ``sites[site.name]`` if present (the previous round's
+    posterior, see :mod:`bhpeft_ppl.posterior_prior`); else the first of ``patterns``
+    that matches its name (exact, ``.``-suffix or regex); else
+    ``components[site.component]``; else ``function(site)`` if given and not
+    ``None``; else the library defaults.
 
     :param components: ``{"lora" | "adapter" | "prefix" | "head": Prior}``.
     :param patterns: ``{site-name pattern: Prior}``, e.g. ``{"lora_A": Horseshoe()}``.
     :param function: a callable ``WeightSite -> Prior | None`` (e.g. from a model file).
+    :param sites: ``{exact site name: Prior}``, set by
+        :func:`~bhpeft_ppl.posterior_prior.posterior_as_prior`.
     """
 
     components: Mapping[str, Prior] = field(default_factory=dict)
     patterns: Mapping[str, Prior] = field(default_factory=dict)
     function: PriorFunction | None = None
+    sites: Mapping[str, Prior] = field(default_factory=dict)
 
     def __post_init__(self):
         object.__setattr__(self, "components", {k: prior_from_dict(v) for k, v in dict(self.components).items()})
@@ -234,6 +239,8 @@ class Priors:
 
     def for_site(self, site: WeightSite) -> Prior:
         """The prior of ``site``."""
+        if site.name in self.sites:
+            return self.sites[site.name]
         for pattern, prior in self.patterns.items():
             if matches(site.name, pattern):
                 return prior
@@ -261,19 +268,41 @@ class Priors:
         }
         if self.function is not None:
             out["function"] = getattr(self.function, "__qualname__", repr(self.function))
+        if self.sites:
+            from .posterior_prior import site_priors_to_dict
+
+            out.update(site_priors_to_dict(self.sites))
         return out
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors of the per-site (posterior) priors, to be saved beside :meth:`to_dict`."""
+        if not self.sites:
+            return {}
+        from .posterior_prior import site_prior_tensors
+
+        return site_prior_tensors(self.sites)
+
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], function: PriorFunction | None = None) -> Priors:
-        """Priors from :meth:`to_dict` output (pass ``function`` again if one was used)."""
+    def from_dict(
+        cls, data: Mapping[str, Any], function: PriorFunction | None = None, tensors: Mapping[str, torch.Tensor] | None = None
+    ) -> Priors:
+        """Priors from :meth:`to_dict` output (pass ``function`` again if one was used, and
+        the :meth:`tensors` if the priors hold a previous posterior)."""
         if not isinstance(data, Mapping):
             raise SpecError(f"priors must be a mapping, got {type(data).__name__}")
-        unknown = sorted(set(data) - {"components", "patterns", "function"})
+        unknown = sorted(set(data) - {"components", "patterns", "function", "sites", "groups"})
         if unknown:
-            raise SpecError(f"unknown key(s) {unknown} in priors; valid: components, patterns, function")
+            raise SpecError(f"unknown key(s) {unknown} in priors; valid: components, patterns, function, sites, groups")
         if data.get("function") and function is None:
             raise SpecError(f"these priors used the function {data['function']!r}; pass it again as function=...")
-        return cls(data.get("components", {}), data.get("patterns", {}), function)
+        sites = {}
+        if data.get("sites"):
+            if tensors is None:
+                raise SpecError("these priors hold a previous round's posterior; pass its tensors (load with load_posterior)")
+            from .posterior_prior import site_priors_from_dict
+
+            sites = site_priors_from_dict(data, tensors)
+        return cls(data.get("components", {}), data.get("patterns", {}), function, sites)
 
 
 def as_priors(priors: Priors | Mapping[str, Any] | PriorFunction | None) -> Priors:

@@ -82,6 +82,7 @@ def save_posterior(
         raise SpecError(f"cannot create the posterior folder {directory}: {err.strerror}; choose a writable path") from None
     tensors = {f"guide/{k}": v.detach().cpu().contiguous() for k, v in guide.state_dict().items()}
     tensors.update({f"point/{k}": v.detach().cpu().contiguous() for k, v in model.point_values().items()})
+    tensors.update(model.priors.tensors())  # the previous round's posterior, when it is the prior
     weights = atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp))
     meta = {
         "format": FORMAT,
@@ -198,11 +199,12 @@ def load_posterior(directory: str | Path, base: torch.nn.Module, priors_function
     problems = _differences({"base_model": meta["base_model"]}, {"base_model": fingerprint})
     if problems:
         raise PosteriorMismatchError(f"the posterior in {directory} was fitted on another base model: {'; '.join(problems[:4])}")
+    tensors = _read_tensors(Path(directory), meta) if meta["priors"].get("sites") else None
     peft = inject(base, HybridSpec.from_dict(meta["spec"]))
     try:
         model = BayesianHybridModel(
             peft,
-            Priors.from_dict(meta["priors"], priors_function),
+            Priors.from_dict(meta["priors"], priors_function, tensors),
             GuideSpec.from_dict(meta["guide_spec"]),
             meta["kl_weight"],
             meta["seed"],

@@ -34,7 +34,7 @@ from . import calibration, selective
 from .backbone import load_backbone
 from .config import RunConfig, load_config, to_toml
 from .data import Collator, EncodedDataset, encode_split
-from .decisions import Threshold, accept, choose_threshold
+from .decisions import Decisions, Threshold, accept, bayes_decisions, choose_threshold, realised_cost
 from .errors import SpecError
 from .export import save_inference_data, to_inference_data
 from .files import atomic_write_json, atomic_write_text, library_versions, staged_directory
@@ -74,6 +74,7 @@ class Fitted:
 
     def encode(self, rows) -> EncodedDataset:
         """Tokenise loaded rows for this model's scoring."""
+        self.tokenizer.truncation_side = self.config.data.truncation
         return encode_split(self.tokenizer, rows, self.model.peft.scoring, self.config.data.max_length)
 
     def predict(self, data: EncodedDataset) -> Predictions:
@@ -156,8 +157,36 @@ def threshold_from_validation(fitted: Fitted, validation) -> Threshold | None:
     return choose_threshold(_correct(preds), u, c.target_error, c.confidence)
 
 
-def predictions_csv(rows, predictions: Predictions, label_names, threshold: Threshold | None, score_name: str) -> str:
-    """CSV text: one row per example with its probabilities, uncertainty scores and decision."""
+def bayes_actions(predictions: Predictions, config: RunConfig, num_labels: int) -> Decisions | None:
+    """Bayes-optimal actions under ``predict.cost`` (and ``predict.abstain_cost``), if a cost matrix is set."""
+    c = config.predict
+    if c.cost is None:
+        return None
+    if len(c.cost) != num_labels * num_labels:
+        raise SpecError(
+            f"predict.cost has {len(c.cost)} numbers but {num_labels} classes need {num_labels}x{num_labels} = "
+            f"{num_labels * num_labels} (cost[true][action], row by row)"
+        )
+    try:
+        return bayes_decisions(predictions.mean_probs, decisions_cost(config, num_labels), c.abstain_cost)
+    except ValueError as err:
+        raise SpecError(f"predict.cost: {err}") from None
+
+
+def decisions_cost(config: RunConfig, num_labels: int) -> torch.Tensor:
+    """``predict.cost`` as a ``[C, C]`` matrix."""
+    return torch.tensor(config.predict.cost, dtype=torch.float64).reshape(num_labels, num_labels)
+
+
+def predictions_csv(
+    rows,
+    predictions: Predictions,
+    label_names,
+    threshold: Threshold | None,
+    score_name: str,
+    decisions: Decisions | None = None,
+) -> str:
+    """CSV text: one row per example with its probabilities, uncertainty scores and decisions."""
     scores = {name: selective.uncertainty(predictions.probs, name) for name in selective.UNCERTAINTY_SCORES}
     accepted = accept(scores[score_name], threshold) if threshold is not None else None
     buffer = io.StringIO()
@@ -166,6 +195,8 @@ def predictions_csv(rows, predictions: Predictions, label_names, threshold: Thre
     header = ["index", "text", "predicted", *[f"p_{name}" for name in label_names], *scores]
     if accepted is not None:
         header.append("decision")
+    if decisions is not None:
+        header += ["bayes_action", "expected_cost"]
     if predictions.labels is not None:
         header += ["label", "correct"]
     writer.writerow(header)
@@ -175,10 +206,26 @@ def predictions_csv(rows, predictions: Predictions, label_names, threshold: Thre
         row += [f"{float(s[n]):.6f}" for s in scores.values()]
         if accepted is not None:
             row.append("accept" if bool(accepted[n]) else "abstain")
+        if decisions is not None:
+            action = int(decisions.actions[n])
+            row += ["abstain" if action < 0 else label_names[action], f"{float(decisions.expected_cost[n]):.6f}"]
         if predictions.labels is not None:
             row += [label_names[int(predictions.labels[n])], int(predictions.predicted[n] == predictions.labels[n])]
         writer.writerow(row)
     return buffer.getvalue()
+
+
+def ood_scores(fitted: Fitted, task: str, predictions: Predictions) -> dict[str, float]:
+    """AUROC of each uncertainty score at telling ``predict.ood`` examples from ``predictions``' examples."""
+    path = fitted.config.predict.ood
+    rows, _ = read_split(
+        path, task, format=fitted.config.data.format, text_column=fitted.config.data.text_column, require_labels=False
+    )
+    ood = fitted.predict(fitted.encode(rows.remove_columns([c for c in rows.column_names if c == "label"])))
+    scores = [s for s in selective.UNCERTAINTY_SCORES if predictions.probs.shape[0] > 1 or s in ("max_prob", "entropy")]
+    return {
+        s: selective.ood_auroc(selective.uncertainty(predictions.probs, s), selective.uncertainty(ood.probs, s)) for s in scores
+    }
 
 
 def write_outputs(
@@ -188,19 +235,28 @@ def write_outputs(
     rows,
     predictions: Predictions,
     *,
+    task: str,
     threshold: Threshold | None = None,
     history: dict | None = None,
     metrics_extra: dict | None = None,
 ) -> dict[str, Any]:
     """``metrics.json`` (if labelled), ``predictions.csv``, ``inference_data.nc`` and plots into ``folder``."""
     c = fitted.config
+    decisions = bayes_actions(predictions, c, len(fitted.label_names))
     atomic_write_text(
-        folder / PREDICTIONS_FILE, predictions_csv(rows, predictions, fitted.label_names, threshold, c.predict.uncertainty)
+        folder / PREDICTIONS_FILE,
+        predictions_csv(rows, predictions, fitted.label_names, threshold, c.predict.uncertainty, decisions),
     )
     metrics: dict[str, Any] = {}
     if predictions.labels is not None:
         name = method_name(fitted.model.guide_spec)
         metrics = score(predictions, c)
+        if decisions is not None:
+            metrics["realised_cost"] = realised_cost(
+                decisions, predictions.labels, decisions_cost(c, len(fitted.label_names)), c.predict.abstain_cost
+            )
+        if c.predict.ood:
+            metrics["ood_auroc"] = ood_scores(fitted, task, predictions)
         if threshold is not None:
             u = selective.uncertainty(predictions.probs, c.predict.uncertainty)
             kept = accept(u, threshold)
@@ -265,7 +321,7 @@ def _quiet_libraries(config: RunConfig) -> None:
         hf_logging.disable_progress_bar()
 
 
-def fit_run(config: RunConfig) -> dict[str, Any]:
+def fit_run(config: RunConfig, command: str | None = None) -> dict[str, Any]:
     """``bhpeft fit``: load, fit, score the test split, write the run folder ``config.out``."""
     start = time.perf_counter()
     _quiet_libraries(config)
@@ -316,15 +372,25 @@ def fit_run(config: RunConfig) -> dict[str, Any]:
             "stopped_early": result.stopped_early,
         }
         metrics = write_outputs(
-            stage, fitted, test, test_rows, predictions, threshold=threshold, history=result.history, metrics_extra=extra
+            stage,
+            fitted,
+            test,
+            test_rows,
+            predictions,
+            task=task.task,
+            threshold=threshold,
+            history=result.history,
+            metrics_extra=extra,
         )
         save_posterior(stage / POSTERIOR_DIR, model, result.guide, history=result.history)
         atomic_write_text(stage / CONFIG_FILE, to_toml(config))
-        atomic_write_json(stage / RUN_FILE, run_record(config, model_file, task, model))
+        atomic_write_json(stage / RUN_FILE, run_record(config, model_file, task, model, command))
     return metrics
 
 
-def run_record(config: RunConfig, model_file: ModelFile, task: TaskData, model: BayesianHybridModel) -> dict[str, Any]:
+def run_record(
+    config: RunConfig, model_file: ModelFile, task: TaskData, model: BayesianHybridModel, command: str | None = None
+) -> dict[str, Any]:
     """The ``run.json`` record."""
     return {
         "task": task.task,
@@ -336,7 +402,7 @@ def run_record(config: RunConfig, model_file: ModelFile, task: TaskData, model: 
         "data": {split: {"source": task.sources[split], "rows": len(task.splits[split])} for split in task.splits},
         "class_counts": {split: task.class_counts(split) for split in task.splits},
         "seed": config.seed,
-        "command": " ".join(sys.argv),
+        "command": command,
         "versions": library_versions(),
     }
 
@@ -351,10 +417,17 @@ def open_run(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> tu
         record = json.loads(record_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise SpecError(f"{record_path} is damaged ({err}); refit the run") from None
+    if (
+        not isinstance(record, dict)
+        or not isinstance(record.get("model_file"), dict)
+        or not isinstance(record.get("label_names"), list)
+        or "task" not in record
+    ):
+        raise SpecError(f"{record_path} is damaged (task, label_names or model_file missing); refit the run")
     config = load_config(run_dir / CONFIG_FILE, overrides)
     _quiet_libraries(config)
     model_file = load_model_file(config.model.file)
-    if model_file.sha256 != record["model_file"]["sha256"]:
+    if model_file.sha256 != record["model_file"].get("sha256"):
         print(
             f"bhpeft: warning: {model_file.path} changed since the run was fitted (SHA-256 differs); "
             "predictions use the file as it is now",
@@ -390,7 +463,10 @@ def apply_run(run_dir: str | Path, data_path: str, out: str | Path, overrides: d
     stored = Path(run_dir) / METRICS_FILE
     threshold = None
     if stored.is_file():
-        saved = json.loads(stored.read_text(encoding="utf-8")).get("threshold")
+        try:
+            saved = json.loads(stored.read_text(encoding="utf-8")).get("threshold")
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as err:
+            raise SpecError(f"{stored} is damaged ({err}); refit the run or restore the file") from None
         if saved and saved.get("threshold") is not None:
             threshold = Threshold(**{k: v for k, v in saved.items() if k in Threshold.__dataclass_fields__})
     with staged_directory(out) as stage:
@@ -400,7 +476,9 @@ def apply_run(run_dir: str | Path, data_path: str, out: str | Path, overrides: d
             predictions.labels = None
             predictions.log_likelihood = None
         extra = {"data": str(data_path), "run": str(run_dir)}
-        metrics = write_outputs(stage, fitted, data, rows, predictions, threshold=threshold, metrics_extra=extra)
+        metrics = write_outputs(
+            stage, fitted, data, rows, predictions, task=record["task"], threshold=threshold, metrics_extra=extra
+        )
     return metrics, predictions
 
 
