@@ -24,7 +24,7 @@ from typing import Any
 from .config import RunConfig, field_type, load_config
 from .errors import BHPEFTError
 
-_SECTIONS = ("model", "data", "train", "predict", "export")
+_SECTIONS = ("model", "data", "train", "predict", "export", "update")
 
 
 def _parse_value(scalar: type, optional: bool, is_list: bool):
@@ -130,6 +130,17 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _update(args: argparse.Namespace) -> int:
+    from .workflow import update_run
+
+    out = args.out if "out" in vars(args) else str(Path(args.run_dir).with_name(Path(args.run_dir).name + "-update"))
+    overrides = {k: v for k, v in _overrides(args).items() if k != "out"}
+    metrics = update_run(args.run_dir, args.data_file, out, overrides, command=args.command_line)
+    _print_metrics(metrics)
+    print(f"wrote {out}")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -176,6 +187,19 @@ def build_parser() -> argparse.ArgumentParser:
         )
         add_config_options(p)
         p.set_defaults(run=_export if name == "export" else _apply(labelled))
+
+    update = sub.add_parser(
+        "update",
+        allow_abbrev=False,
+        help="one round of dynamic fine-tuning: the run's posterior becomes the prior for new data",
+        description="Dynamic fine-tuning: take the posterior of a fitted run (fit or update) as the prior, start the guide "
+        "from it, fit the new labelled data (plus [update] replay of earlier rounds), score the run's test split, and "
+        "write a new run folder with the same layout as 'bhpeft fit' (run.json records the chain of rounds).",
+    )
+    update.add_argument("--from", dest="run_dir", required=True, metavar="RUN_DIR", help="run folder of 'bhpeft fit' or 'update'")
+    update.add_argument("--data", dest="data_file", required=True, metavar="FILE", help="the new round's labelled data")
+    add_config_options(update)
+    update.set_defaults(run=_update)
 
     demo = sub.add_parser(
         "demo",

@@ -133,6 +133,16 @@ class ExportSection:
 
 
 @dataclass
+class UpdateSection:
+    """``[update]``: dynamic fine-tuning (``bhpeft update``), the posterior of a run as the prior of the next."""
+
+    inflation: float = _opt(1.0, "factor >= 1 on every posterior variance before it becomes the prior (1 = exact updating)")
+    replay: float = _opt(0.0, "fraction of the earlier rounds' examples mixed into the new round (the paper uses 0.2)")
+    max_history: int | None = _opt(None, "earlier rounds kept for replay (default: all)")
+    map_scale: float | None = _opt(None, "scale of the prior around MAP estimates (default: the previous prior's scale)")
+
+
+@dataclass
 class RunConfig:
     """The whole configuration of a run."""
 
@@ -144,6 +154,7 @@ class RunConfig:
     train: TrainSection = field(default_factory=TrainSection)
     predict: PredictSection = field(default_factory=PredictSection)
     export: ExportSection = field(default_factory=ExportSection)
+    update: UpdateSection = field(default_factory=UpdateSection)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (``None`` values included)."""
@@ -156,6 +167,7 @@ _SECTION_CLASSES = {
     "train": TrainSection,
     "predict": PredictSection,
     "export": ExportSection,
+    "update": UpdateSection,
 }
 
 
@@ -262,6 +274,10 @@ def _check_ranges(config: RunConfig) -> RunConfig:
         ("predict.target_error", p.target_error, p.target_error is None or 0 <= p.target_error < 1, "in [0, 1)"),
         ("predict.confidence", p.confidence, p.confidence is None or 0 < p.confidence < 1, "in (0, 1), e.g. 0.95"),
         ("export.samples", e.samples, e.samples is None or e.samples >= 1, "a positive integer (or unset)"),
+        ("update.inflation", config.update.inflation, config.update.inflation >= 1, "at least 1 (1 = exact updating)"),
+        ("update.replay", config.update.replay, 0 <= config.update.replay <= 1, "a fraction in [0, 1]"),
+        ("update.max_history", config.update.max_history, (config.update.max_history or 1) >= 1, "a positive integer"),
+        ("update.map_scale", config.update.map_scale, (config.update.map_scale or 1) > 0, "positive"),
     )
     for key, value, ok, what in checks:
         if not ok:

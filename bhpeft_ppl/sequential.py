@@ -135,12 +135,15 @@ class DynamicFineTuning:
         self.guide = None
         self.rounds: list[Round] = []
         self.kept: list[EncodedDataset] = []
+        self.start_round = 0  # rounds fitted before this driver (resume)
 
     @classmethod
-    def resume(cls, model: BayesianHybridModel, guide, **kwargs) -> DynamicFineTuning:
-        """Continue from a fitted ``model`` and ``guide`` (e.g. :func:`~bhpeft_ppl.serialize.load_posterior`)."""
+    def resume(cls, model: BayesianHybridModel, guide, *, rounds_done: int = 1, **kwargs) -> DynamicFineTuning:
+        """Continue from a fitted ``model`` and ``guide`` (e.g. :func:`~bhpeft_ppl.serialize.load_posterior`)
+        after ``rounds_done`` rounds (the numbering of rounds, seeds included, continues from there)."""
         driver = cls(model.peft, guide_spec=model.guide_spec, model_fn=model.model_fn, seed=model.seed, **kwargs)
         driver.model, driver.guide = model, guide
+        driver.start_round = int(rounds_done)
         return driver
 
     def next_model(self) -> tuple[BayesianHybridModel, Any]:
@@ -174,7 +177,7 @@ class DynamicFineTuning:
         """Fit one round on ``data`` (plus replay); returns that round's :class:`~bhpeft_ppl.infer.FitResult`."""
         if len(data) == 0:
             raise SpecError("a round needs at least one example")
-        index = len(self.rounds)
+        index = self.start_round + len(self.rounds)
         start = time.perf_counter()
         model, guide = self.next_model()
         replayed = self.replay_sample(index)
@@ -195,7 +198,7 @@ class DynamicFineTuning:
         if self.model is None:
             raise SpecError("nothing to save: no round has been fitted")
         directory = Path(directory)
-        t = len(self.rounds) - 1
+        t = self.start_round + len(self.rounds) - 1
         save_posterior(directory / f"round_{t}", self.model, self.guide, history=self.rounds[-1].history)
         atomic_write_json(
             directory / ROUNDS_FILE,

@@ -19,6 +19,7 @@ A run folder, written whole or not at all (:func:`~bhpeft_ppl.files.staged_direc
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -45,6 +46,7 @@ from .loaders import TaskData, load_task, read_split
 from .model import BayesianHybridModel
 from .modelfile import ModelFile, load_model_file
 from .predict import Predictions, predict
+from .sequential import DynamicConfig, DynamicFineTuning
 from .serialize import load_posterior, save_posterior
 
 RUN_FILE = "run.json"
@@ -321,6 +323,58 @@ def _quiet_libraries(config: RunConfig) -> None:
         hf_logging.disable_progress_bar()
 
 
+def fit_config_of(config: RunConfig, seed: int | None = None) -> FitConfig:
+    """The :class:`~bhpeft_ppl.infer.FitConfig` of the ``[train]`` section."""
+    t = config.train
+    return FitConfig(
+        epochs=t.epochs,
+        batch_size=t.batch_size,
+        lr=t.lr,
+        schedule=t.schedule,
+        warmup_ratio=t.warmup_ratio,
+        clip_norm=t.clip_norm,
+        num_particles=t.num_particles,
+        estimator=t.estimator,
+        max_steps=t.max_steps,
+        seed=config.seed if seed is None else seed,
+        progress=not config.quiet,
+    )
+
+
+def finish_run(
+    stage: Path,
+    fitted: Fitted,
+    task: TaskData,
+    result: FitResult,
+    extra: dict[str, Any],
+    record: dict[str, Any],
+) -> dict[str, Any]:
+    """Score the test split and write the whole run folder into ``stage``."""
+    config = fitted.config
+    threshold = threshold_from_validation(fitted, task.splits["validation"]) if "validation" in task.splits else None
+    test_rows = task.splits["test"]
+    test = fitted.encode(test_rows)
+    predict_start = time.perf_counter()
+    predictions = fitted.predict(test)
+    extra = {**extra, "seconds_predict": time.perf_counter() - predict_start, "seed": config.seed}
+    extra["stopped_early"] = result.stopped_early
+    metrics = write_outputs(
+        stage,
+        fitted,
+        test,
+        test_rows,
+        predictions,
+        task=task.task,
+        threshold=threshold,
+        history=result.history,
+        metrics_extra=extra,
+    )
+    save_posterior(stage / POSTERIOR_DIR, fitted.model, result.guide, history=result.history)
+    atomic_write_text(stage / CONFIG_FILE, to_toml(config))
+    atomic_write_json(stage / RUN_FILE, record)
+    return metrics
+
+
 def fit_run(config: RunConfig, command: str | None = None) -> dict[str, Any]:
     """``bhpeft fit``: load, fit, score the test split, write the run folder ``config.out``."""
     start = time.perf_counter()
@@ -331,61 +385,71 @@ def fit_run(config: RunConfig, command: str | None = None) -> dict[str, Any]:
         torch.manual_seed(config.seed)
         base, tokenizer = load_backbone(config.model.backbone)
         peft = inject(base, model_file.hybrid_spec(task.num_labels))
-        spec = guide_spec(config, model_file)
         model = BayesianHybridModel(
             peft,
             model_file.priors,
-            spec,
+            guide_spec(config, model_file),
             config.model.kl_weight if config.model.kl_weight is not None else model_file.kl_weight,
             config.seed,
             model_fn=model_file.model,
         )
         fitted = Fitted(model, None, tokenizer, task.label_names, model_file, config)
         train = fitted.encode(task.splits["train"])
-        t = config.train
-        fit_config = FitConfig(
-            epochs=t.epochs,
-            batch_size=t.batch_size,
-            lr=t.lr,
-            schedule=t.schedule,
-            warmup_ratio=t.warmup_ratio,
-            clip_norm=t.clip_norm,
-            num_particles=t.num_particles,
-            estimator=t.estimator,
-            max_steps=t.max_steps,
-            seed=config.seed,
-            progress=not config.quiet,
-        )
-        result: FitResult = fit(model, train, fit_config, collate_fn=fitted.collate)
+        result: FitResult = fit(model, train, fit_config_of(config), collate_fn=fitted.collate)
         fitted.guide, fitted.history = result.guide, result.history
-        fit_seconds = time.perf_counter() - start
-        threshold = threshold_from_validation(fitted, task.splits["validation"]) if "validation" in task.splits else None
-        test_rows = task.splits["test"]
-        test = fitted.encode(test_rows)
-        predict_start = time.perf_counter()
-        predictions = fitted.predict(test)
-        extra = {
-            "seconds_fit": fit_seconds,
-            "seconds_predict": time.perf_counter() - predict_start,
-            "train_size": len(train),
-            "seed": config.seed,
-            "stopped_early": result.stopped_early,
-        }
-        metrics = write_outputs(
-            stage,
-            fitted,
-            test,
-            test_rows,
-            predictions,
-            task=task.task,
-            threshold=threshold,
-            history=result.history,
-            metrics_extra=extra,
+        seconds = time.perf_counter() - start
+        record = run_record(config, model_file, task, model, command)
+        record["rounds"] = [
+            {"round": 0, "data": config.data.train, "source": task.sources["train"], "rows": len(train), "replayed": 0}
+        ]
+        extra = {"seconds_fit": seconds, "train_size": len(train), "round": 0}
+        return finish_run(stage, fitted, task, result, extra, record)
+
+
+def update_run(
+    run_dir: str | Path, data_path: str, out: str | Path, overrides: dict[str, Any] | None, command: str | None = None
+) -> dict[str, Any]:
+    """``bhpeft update``: one round of dynamic fine-tuning.  The run's posterior becomes the
+    prior, the guide starts from it, and SVI fits the new data (plus ``update.replay`` of the
+    earlier rounds' examples).  Writes a run folder like :func:`fit_run`'s, scored on the run's test split."""
+    start = time.perf_counter()
+    fitted, record = open_run(run_dir, overrides)
+    config = dataclasses.replace(fitted.config, out=str(out))
+    fitted.config = config
+    task = load_data(config, fitted.model_file)
+    rows = read_rows(fitted, record, data_path, labelled=True)
+    u = config.update
+    rounds = list(record.get("rounds") or [{"round": 0, "data": config.data.train, "rows": None}])
+    with staged_directory(out) as stage:
+        driver = DynamicFineTuning.resume(
+            fitted.model,
+            fitted.guide,
+            rounds_done=len(rounds),
+            fit_config=fit_config_of(config),
+            config=DynamicConfig(
+                inflation=u.inflation,
+                kl_weight=fitted.model.kl_weight,
+                replay=u.replay,
+                max_history=u.max_history,
+                map_scale=u.map_scale,
+            ),
         )
-        save_posterior(stage / POSTERIOR_DIR, model, result.guide, history=result.history)
-        atomic_write_text(stage / CONFIG_FILE, to_toml(config))
-        atomic_write_json(stage / RUN_FILE, run_record(config, model_file, task, model, command))
-    return metrics
+        if u.replay > 0:  # rebuild the earlier rounds' examples, newest last
+            kept = [task.splits["train"]] + [read_rows(fitted, record, r["data"], labelled=True) for r in rounds[1:]]
+            driver.kept = [fitted.encode(k) for k in kept][-(u.max_history or len(kept)) :]
+        new = fitted.encode(rows)
+        result = driver.update(new, collate_fn=fitted.collate, label=str(data_path))
+        this = driver.rounds[-1]
+        fitted.model, fitted.guide, fitted.history = driver.model, driver.guide, result.history
+        new_record = dict(record)
+        new_record["rounds"] = [
+            *rounds,
+            {"round": len(rounds), "data": str(data_path), "rows": len(new), "replayed": this.replayed, "from": str(run_dir)},
+        ]
+        new_record["update"] = dataclasses.asdict(u)
+        new_record["command"] = command
+        extra = {"seconds_fit": time.perf_counter() - start, "train_size": len(new), "round": len(rounds)}
+        return finish_run(stage, fitted, task, result, extra, new_record)
 
 
 def run_record(
