@@ -435,3 +435,44 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+# bhpeft update: dynamic fine-tuning from a run folder ----------------------------------------------------------------------
+def test_update_writes_a_run_folder_whose_prior_is_the_previous_posterior(run, tmp_path, capsys):
+    new = write_tsv(tmp_path / "round1.tsv", sst2_rows(30, start=600), header=("sentence", "label"))
+    out = tmp_path / "round1"
+    argv = ["update", "--from", str(run), "--data", str(new), "--out", str(out), "--quiet", "--update.replay", "0.25"]
+    assert main([*argv, "--no-export.plots"]) == 0
+    assert capsys.readouterr().out.strip().endswith(f"wrote {out}")
+    for name in ("config.toml", "run.json", "metrics.json", "inference_data.nc", "predictions.csv"):
+        assert (out / name).is_file(), name
+    record = read_json(out / "run.json")
+    first = read_json(run / "run.json")["rounds"]
+    assert [r["round"] for r in record["rounds"]] == [0, 1] and record["rounds"][0] == first[0]
+    assert record["rounds"][1]["rows"] == 30 and record["rounds"][1]["replayed"] == round(0.25 * first[0]["rows"])
+    assert record["rounds"][1]["from"] == str(run) and record["update"]["replay"] == 0.25
+    metrics = read_json(out / "metrics.json")
+    assert metrics["round"] == 1 and metrics["num_examples"] == read_json(run / "metrics.json")["num_examples"]
+
+    # the new posterior's prior is the old posterior: its tensors are the old guide's locations and scales
+    meta = read_json(out / "posterior" / "posterior.json")
+    assert meta["priors"]["sites"] and set(meta["priors"]["sites"]) <= set(meta["sites"])
+    new_tensors = load_file(out / "posterior" / "posterior.safetensors")
+    old_tensors = load_file(run / "posterior" / "posterior.safetensors")
+    site = "classifier.weight"
+    assert torch.equal(new_tensors[f"prior/{site}/loc"], old_tensors[f"guide/0.locs.{site}_unconstrained"])  # real: identity
+    # the reopened round can predict and be updated again (a chain of rounds)
+    out2 = tmp_path / "round2"
+    assert main(["update", "--from", str(out), "--data", str(new), "--out", str(out2), "--quiet", "--no-export.plots"]) == 0
+    assert [r["round"] for r in read_json(out2 / "run.json")["rounds"]] == [0, 1, 2]
+    assert main(["predict", "--from", str(out2), "--data", str(new), "--out", str(tmp_path / "p"), "--quiet"]) == 0
+
+
+def test_update_with_bad_settings_is_a_one_line_error(run, tmp_path, capsys):
+    new = write_tsv(tmp_path / "round1.tsv", sst2_rows(10, start=600), header=("sentence", "label"))
+    for option, value, needle in (("--update.inflation", "0.5", "update.inflation"), ("--update.replay", "2", "update.replay")):
+        out = tmp_path / "x"
+        assert main(["update", "--from", str(run), "--data", str(new), "--out", str(out), option, value]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("bhpeft: error:") and needle in err and len(err.splitlines()) == 1
+        assert not out.exists()
