@@ -23,3 +23,28 @@ def test_benchmark_performance_smoke(tmp_path):
     assert results["sites"]["bh_peft"] == results["sites"]["map"] > 0
     assert {"torch", "pyro-ppl", "transformers"} <= set(results["versions"])
     assert not list(out.glob("*.tmp"))
+
+
+def test_dynamic_finetuning_smoke_writes_results_and_resumes(tmp_path):
+    out = tmp_path / "dynamic"
+    command = [sys.executable, str(ROOT / "analyses" / "dynamic_finetuning.py"), "--smoke", "--out", str(out)]
+    subprocess.run(command, check=True, capture_output=True, timeout=900)
+    results = json.loads((out / "results.json").read_text())
+    methods = {r["method"] for r in results["records"] if r["scenario"] == "sst2"}
+    assert methods == {"bh_dynamic", "map_continual", "map_retrain", "bh_retrain"}
+    for record in results["records"]:
+        if record["scenario"] == "sst2":
+            assert {"accuracy", "ece", "nll", "seconds", "round"} <= set(record)
+            assert 0 <= record["accuracy"] <= 1 and record["seconds"] >= 0
+            assert ("forgetting_accuracy" in record) == (record["round"] > 0)
+        else:
+            assert {"accuracy_sst2", "accuracy_food", "domain"} <= set(record)
+    assert results["config"]["seeds"] == [0] and "torch" in results["versions"]
+    table = (out / "table.md").read_text()
+    assert "| bh_dynamic |" in table and "### accuracy" in table
+    assert (out / "sst2.png").is_file() and (out / "drift.png").is_file()
+    # a rerun finds every cell done and changes nothing
+    before = (out / "results.json").read_text()
+    rerun = subprocess.run(command, check=True, capture_output=True, text=True, timeout=900)
+    assert rerun.stdout.count("done, skipped") == len(results["cells"])
+    assert json.loads((out / "results.json").read_text())["cells"] == json.loads(before)["cells"]
