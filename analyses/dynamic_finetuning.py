@@ -99,7 +99,7 @@ class Setup:
 
     def evaluate(self, model, guide, data: EncodedDataset, bayesian: bool, seed: int) -> dict[str, float]:
         draws = self.args.samples if bayesian else 1
-        pred = predict(model, guide, data, draws, seed=seed, collate_fn=self.collate, batch_size=64)
+        pred = predict(model, guide, data, draws, seed=seed, collate_fn=self.collate, batch_size=64, point=False)
         return summary(pred.mean_probs, pred.labels)
 
 
@@ -325,9 +325,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--drift-rounds", type=int, default=3, help="rounds per domain")
     p.add_argument("--drift-round-size", type=int, default=160)
     p.add_argument("--drift-eval-size", type=int, default=300)
-    p.add_argument("--dev-size", type=int, default=872, help="SST-2 dev sentences evaluated (872 = all)")
-    p.add_argument("--forget-size", type=int, default=200, help="earlier-round examples scored for forgetting")
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--dev-size", type=int, default=400, help="SST-2 dev sentences evaluated (seeded sample; 872 = all)")
+    p.add_argument("--forget-size", type=int, default=100, help="earlier-round examples scored for forgetting")
+    p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--min-steps", type=int, default=20, help="at least this many SVI steps per round")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-2)

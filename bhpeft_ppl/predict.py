@@ -110,11 +110,14 @@ def predict(
     seed: int = 0,
     collate_fn: Callable | None = None,
     progress: bool = False,
+    point: bool = True,
 ) -> Predictions:
     """Posterior predictive probabilities of ``data`` under ``guide``.
 
     :param num_samples: :math:`S` posterior draws (the same for every example).
     :param seed: fixes the draws.
+    :param point: also predict at the guide's location (``point_probs``; one more forward
+        pass per batch); with ``False`` ``point_probs`` is the model average.
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
@@ -129,12 +132,13 @@ def predict(
         if "labels" in batch:
             labels.append(batch["labels"])
             per_batch_loglik.append(torch.stack([ll for _, ll in outputs]))  # [S, B]
-        point.append(model.predictive(batch, location)[0])  # [B, C]
+        if point:
+            point.append(model.predictive(batch, location)[0])  # [B, C]
     probs = torch.cat(per_batch, dim=1)  # [S, N, C]
     return Predictions(
         probs=probs,
         mean_probs=probs.mean(0),
-        point_probs=torch.cat(point),
+        point_probs=torch.cat(point) if point else probs.mean(0),
         labels=torch.cat(labels) if labels else None,
         log_likelihood=torch.cat(per_batch_loglik, dim=1) if labels else None,  # [S, N]
     )
