@@ -32,6 +32,7 @@ larger values forget faster.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -53,9 +54,13 @@ SUPPORTS = {"real": torch.distributions.constraints.real, "positive": torch.dist
 def _support_name(support) -> str:
     while isinstance(support, torch.distributions.constraints.independent):
         support = support.base_constraint
-    for name, constraint in SUPPORTS.items():
-        if support is constraint or type(support) is type(constraint):
-            return name
+    constraints = torch.distributions.constraints
+    if type(support) is type(constraints.real):
+        return "real"
+    # positive (LogNormal) and nonnegative (HalfCauchy, Gamma, Exponential): biject_to is exp for both;
+    # exact types, so that greater_than(c != 0) and Pyro's softplus_positive are not taken for them
+    if type(support) in (constraints._GreaterThan, constraints._GreaterThanEq) and float(support.lower_bound) == 0.0:
+        return "positive"
     raise SpecError(f"posterior_as_prior supports real and positive sites, not {support}")
 
 
@@ -72,7 +77,7 @@ class NormalPart:
         base = dist.Normal(self.loc, self.scale).to_event(self.loc.dim())
         if self.support == "real":
             return base
-        return dist.TransformedDistribution(base, [biject_to(SUPPORTS[self.support])])
+        return dist.TransformedDistribution(base, [torch.distributions.transforms.ExpTransform()])
 
 
 @dataclass(eq=False)
@@ -114,7 +119,7 @@ class LowRankGroup:
         shape = self.shapes[i]
         transforms = [torch.distributions.transforms.ReshapeTransform((hi - lo,), shape)]
         if self.supports[i] != "real":
-            transforms.append(biject_to(SUPPORTS[self.supports[i]]))
+            transforms.append(torch.distributions.transforms.ExpTransform())
         value = pyro.sample(name, dist.TransformedDistribution(base, transforms))
         z = value if self.supports[i] == "real" else biject_to(SUPPORTS[self.supports[i]]).inv(value)
         delta = z.reshape(-1) - mu_i  # [n]
@@ -164,6 +169,7 @@ class PosteriorPrior(Prior):
                 name: {"normal": part.support} if isinstance(part, NormalPart) else {"group": part.names[0]}
                 for name, part in self.parts.items()
             },
+            "order": list(self.parts),  # the sampling order: JSON objects are written with sorted keys
         }
 
 
@@ -216,7 +222,8 @@ def site_priors_from_dict(data: dict[str, Any], tensors: dict[str, torch.Tensor]
         sites = {}
         for site, prior in data["sites"].items():
             parts = {}
-            for name, part in prior["parts"].items():
+            for name in prior.get("order") or list(prior["parts"]):
+                part = prior["parts"][name]
                 if "group" in part:
                     parts[name] = groups[part["group"]]
                 else:
@@ -276,7 +283,8 @@ def posterior_as_prior(model, guide, *, inflation: float = 1.0, map_scale: float
                     value = medians[name].detach().clone()
                     z = biject_to(part.prototype_trace.nodes[name]["fn"].support).inv(value)
                     site = model.peft.sites.get(name)
-                    previous = model.priors.for_site(site) if site is not None else None
+                    base_priors = dataclasses.replace(model.priors, sites={})  # the original prior, not a posterior
+                    previous = base_priors.for_site(site) if site is not None else None
                     scale = map_scale if map_scale is not None else (_scale_of(previous, site) if previous else 0.1)
                     parts[name] = NormalPart(z, torch.full_like(z, scale * root), supports[name])
             else:

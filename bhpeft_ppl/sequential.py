@@ -16,6 +16,7 @@ every round's posterior and ``rounds.json``, the chain of rounds and their sizes
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 import time
 from collections.abc import Callable
@@ -59,6 +60,9 @@ class DynamicConfig:
     map_scale: float | None = None
 
     def __post_init__(self):
+        for name in ("inflation", "kl_weight", "replay", "max_history"):
+            if isinstance(getattr(self, name), bool):
+                raise SpecError(f"DynamicConfig.{name} must be a number, got {getattr(self, name)!r}")
         if not isinstance(self.inflation, int | float) or not self.inflation >= 1:
             raise SpecError(f"DynamicConfig.inflation must be >= 1 (1 = exact updating), got {self.inflation!r}")
         if not isinstance(self.kl_weight, int | float) or not self.kl_weight > 0:
@@ -143,7 +147,9 @@ class DynamicFineTuning:
         after ``rounds_done`` rounds (the numbering of rounds, seeds included, continues from there)."""
         driver = cls(model.peft, guide_spec=model.guide_spec, model_fn=model.model_fn, seed=model.seed, **kwargs)
         driver.model, driver.guide = model, guide
-        driver.start_round = int(rounds_done)
+        if isinstance(rounds_done, bool) or not isinstance(rounds_done, int) or rounds_done < 1:
+            raise SpecError(f"rounds_done must be a positive integer (the rounds already fitted), got {rounds_done!r}")
+        driver.start_round = rounds_done
         return driver
 
     def next_model(self) -> tuple[BayesianHybridModel, Any]:
@@ -200,8 +206,11 @@ class DynamicFineTuning:
         directory = Path(directory)
         t = self.start_round + len(self.rounds) - 1
         save_posterior(directory / f"round_{t}", self.model, self.guide, history=self.rounds[-1].history)
-        atomic_write_json(
-            directory / ROUNDS_FILE,
-            {"config": dataclasses.asdict(self.config), "rounds": [r.to_dict() for r in self.rounds], "seed": self.seed},
-        )
+        rounds = [r.to_dict() for r in self.rounds]
+        previous = directory / ROUNDS_FILE
+        if self.start_round and previous.is_file():  # keep the record of the rounds before a resume
+            earlier = json.loads(previous.read_text(encoding="utf-8")).get("rounds", [])
+            rounds = [r for r in earlier if r.get("index", -1) < self.start_round] + rounds
+        record = {"config": dataclasses.asdict(self.config), "rounds": rounds, "seed": self.seed}
+        atomic_write_json(directory / ROUNDS_FILE, record)
         return directory

@@ -260,10 +260,9 @@ def test_resume_counts_one_round_by_default(peft):
     assert resumed.rounds[0].index == 1
 
 
-# BUG 4 (bhpeft_ppl/sequential.py, DynamicFineTuning.save): a resumed driver rewrites rounds.json with its own
+# Regression 4 (bhpeft_ppl/sequential.py, DynamicFineTuning.save): a resumed driver rewrites rounds.json with its own
 # rounds only, so the record of the rounds before the resume (sizes, replay, losses) is lost although their
 # folders remain. Remove the marker once save() keeps the earlier entries of rounds.json.
-@pytest.mark.xfail(strict=True, reason="BUG: save() after resume drops the earlier rounds from rounds.json")
 def test_resume_then_save_keeps_earlier_rounds_in_rounds_json(tmp_path):
     base = tiny_bert()
     peft = inject(base, small_spec(rank=2))
