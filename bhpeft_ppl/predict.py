@@ -125,7 +125,7 @@ def predict(
     location = posterior_location(guide)
     loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate_fn or Collator())
     model.eval()
-    per_batch, per_batch_loglik, point, labels = [], [], [], []
+    per_batch, per_batch_loglik, at_location, labels = [], [], [], []
     for batch in tqdm(loader, disable=not progress, desc="predict", unit="batch"):
         outputs = [model.predictive(batch, w) for w in draws]
         per_batch.append(torch.stack([p for p, _ in outputs]))  # [S, B, C]
@@ -133,12 +133,12 @@ def predict(
             labels.append(batch["labels"])
             per_batch_loglik.append(torch.stack([ll for _, ll in outputs]))  # [S, B]
         if point:
-            point.append(model.predictive(batch, location)[0])  # [B, C]
+            at_location.append(model.predictive(batch, location)[0])  # [B, C]
     probs = torch.cat(per_batch, dim=1)  # [S, N, C]
     return Predictions(
         probs=probs,
         mean_probs=probs.mean(0),
-        point_probs=torch.cat(point) if point else probs.mean(0),
+        point_probs=torch.cat(at_location) if point else probs.mean(0),
         labels=torch.cat(labels) if labels else None,
         log_likelihood=torch.cat(per_batch_loglik, dim=1) if labels else None,  # [S, N]
     )

@@ -172,3 +172,11 @@ def test_multiple_choice_probabilities_are_over_choices():
         assert torch.allclose(p.probs, whole.probs, atol=1e-5)
     finally:
         peft.eject()
+
+
+def test_point_false_skips_the_location_pass(fitted, data):
+    _, model, guide = fitted
+    with_point = predict(model, guide, data, S, seed=3)
+    without = predict(model, guide, data, S, seed=3, point=False)
+    assert torch.equal(with_point.probs, without.probs)
+    assert torch.equal(without.point_probs, without.mean_probs)
