@@ -11,7 +11,7 @@ from helpers import separable_dataset, small_spec, state_copy, states_equal, tin
 
 from bhpeft_ppl.data import EncodedDataset
 from bhpeft_ppl.errors import DivergenceError, SpecError
-from bhpeft_ppl.guides import GuideSpec
+from bhpeft_ppl.guides import GuideSpec, local_params
 from bhpeft_ppl.infer import EarlyStopping, FitConfig, fit, trainable_parameters
 from bhpeft_ppl.inject import inject
 from bhpeft_ppl.model import BayesianHybridModel
@@ -250,3 +250,21 @@ def test_empty_dataset_raises_spec_error():
             fit(BayesianHybridModel(peft), EncodedDataset([], []), FitConfig(progress=False))
     finally:
         peft.eject()
+
+
+def test_scale_lr_factor_puts_guide_scales_in_their_own_parameter_group():
+    from bhpeft_ppl.infer import SVIStep
+
+    model = BayesianHybridModel(inject(tiny_bert(), small_spec()), guide_spec=GuideSpec(components={"lora": "low_rank"}))
+    with local_params():
+        guide = model.make_guide()
+        step = SVIStep(model, guide, FitConfig(lr=0.01, scale_lr_factor=5.0, progress=False), num_data=8, total_steps=10)
+    fast, slow = step.optimizer.param_groups[1], step.optimizer.param_groups[0]
+    assert fast["lr"] == pytest.approx(0.05 * fast["lr"] / fast["initial_lr"]) and fast["initial_lr"] == pytest.approx(0.05)
+    assert slow["initial_lr"] == pytest.approx(0.01)
+    scale_ids = {id(p) for p in fast["params"]}
+    names = {n for n, p in step.params.items() if id(p) in scale_ids}
+    assert names and all(".scales." in n or n.endswith((".scale_unconstrained", ".cov_factor")) for n in names)
+    assert not any(".locs." in n or n.endswith(".loc") for n in names)
+    with pytest.raises(SpecError, match="scale_lr_factor"):
+        FitConfig(scale_lr_factor=0)
