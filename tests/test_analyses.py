@@ -31,7 +31,7 @@ def test_dynamic_finetuning_smoke_writes_results_and_resumes(tmp_path):
     subprocess.run(command, check=True, capture_output=True, timeout=900)
     results = json.loads((out / "results.json").read_text())
     methods = {r["method"] for r in results["records"] if r["scenario"] == "sst2"}
-    assert methods == {"bh_dynamic", "map_continual", "map_retrain", "bh_retrain"}
+    assert methods == {"bh_dynamic", "bh_dynamic_infl100", "map_continual", "map_retrain", "bh_retrain"}
     for record in results["records"]:
         if record["scenario"] == "sst2":
             assert {"accuracy", "ece", "nll", "seconds", "round"} <= set(record)
