@@ -21,10 +21,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import RunConfig, field_type, load_config
+from .config import SECTIONS, RunConfig, field_type, load_config
 from .errors import BHPEFTError
 
-_SECTIONS = ("model", "data", "train", "predict", "export", "update")
+_SECTIONS = tuple(SECTIONS)
 
 
 def _parse_value(scalar: type, optional: bool, is_list: bool):

@@ -92,6 +92,7 @@ class TrainSection:
     num_particles: int = _opt(1, "Monte Carlo samples of the ELBO per step")
     estimator: str = _opt("mean_field", "ELBO estimator (mean_field: analytic KL where known)", ("mean_field", "trace"))
     max_steps: int | None = _opt(None, "stop after this many steps")
+    scale_lr_factor: float = _opt(1.0, "learning rate of the guide's scale parameters relative to lr")
 
 
 @dataclass
@@ -161,7 +162,7 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-_SECTION_CLASSES = {
+SECTIONS = {
     "model": ModelSection,
     "data": DataSection,
     "train": TrainSection,
@@ -219,8 +220,8 @@ def _apply(config: RunConfig, data: dict[str, Any], source: str) -> RunConfig:
     for key, value in data.items():
         if key not in top:
             raise SpecError(f"{source}: unknown key {key!r}; valid top-level keys and sections are {sorted(top)}")
-        if key in _SECTION_CLASSES:
-            cls = _SECTION_CLASSES[key]
+        if key in SECTIONS:
+            cls = SECTIONS[key]
             if not isinstance(value, dict):
                 raise SpecError(f"{source}: [{key}] must be a table of settings, got {value!r}")
             section = getattr(config, key)
@@ -268,6 +269,7 @@ def _check_ranges(config: RunConfig) -> RunConfig:
         ("train.epochs", t.epochs, t.epochs >= 1, "a positive integer"),
         ("train.batch_size", t.batch_size, t.batch_size >= 1, "a positive integer"),
         ("train.lr", t.lr, t.lr > 0, "positive"),
+        ("train.scale_lr_factor", t.scale_lr_factor, t.scale_lr_factor > 0, "positive"),
         ("predict.samples", p.samples, p.samples >= 1, "a positive integer"),
         ("predict.batch_size", p.batch_size, p.batch_size >= 1, "a positive integer"),
         ("predict.coverage", p.coverage, 0 < p.coverage <= 1, "in (0, 1]"),

@@ -336,6 +336,7 @@ def fit_config_of(config: RunConfig, seed: int | None = None) -> FitConfig:
         num_particles=t.num_particles,
         estimator=t.estimator,
         max_steps=t.max_steps,
+        scale_lr_factor=t.scale_lr_factor,
         seed=config.seed if seed is None else seed,
         progress=not config.quiet,
     )

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import bhpeft_ppl.config as config_module
 from bhpeft_ppl.config import (
     DataSection,
     ExportSection,
@@ -23,7 +24,10 @@ from bhpeft_ppl.config import (
 )
 from bhpeft_ppl.errors import SpecError
 
-SECTIONS = {"model": ModelSection, "data": DataSection, "train": TrainSection, "predict": PredictSection, "export": ExportSection}
+SECTIONS = config_module.SECTIONS
+assert set(SECTIONS) == {"model", "data", "train", "predict", "export", "update"}
+assert SECTIONS["model"] is ModelSection and SECTIONS["data"] is DataSection and SECTIONS["train"] is TrainSection
+assert SECTIONS["predict"] is PredictSection and SECTIONS["export"] is ExportSection
 
 
 def write_toml(tmp_path: Path, text: str, name: str = "run.toml") -> Path:
