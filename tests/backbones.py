@@ -7,6 +7,7 @@ texts are tokenised as in real runs.  Nothing is downloaded.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from bhpeft_ppl.backbone import bundled_path
 from bhpeft_ppl.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
+DATA = Path(os.environ.get("BHPEFT_DATA_DIR", REPO.parent / "shared" / "data"))
 SST2_DEV = DATA / "sst2" / "dev.tsv"
 
 _BUILT: dict[str, Path] = {}
