@@ -248,7 +248,13 @@ def by_round(cells: dict, scenario: str, method: str, key: str) -> dict[int, lis
 
 def table(results: dict) -> str:
     cells, lines = results["cells"], [f"# Dynamic fine-tuning ({'smoke' if results['config']['smoke'] else 'full'} run)", ""]
-    lines += [f"Seeds {results['config']['seeds']}; mean ± sd over seeds. Config and versions in results.json.", ""]
+    done: dict[str, list[str]] = {}
+    for cell in cells:
+        scenario, method, seed = cell.split("/")
+        done.setdefault(f"{scenario}/{method}", []).append(seed)
+    seeds = results["config"]["seeds"]
+    lines += [f"Seeds planned {seeds}; mean ± sd over the seeds done. Config and versions in results.json.", ""]
+    lines += ["Seeds done: " + "; ".join(f"{k}: {', '.join(v)}" for k, v in done.items()), ""]
     for scenario, methods, keys in (
         ("sst2", results["config"]["methods"], METRICS),
         ("drift", results["config"]["drift_methods"], ("accuracy_sst2", "accuracy_food", "seconds")),
@@ -320,6 +326,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="results folder")
     p.add_argument("--smoke", action="store_true", help="tiny random model, two short rounds, one seed (for CI)")
+    p.add_argument("--report", action="store_true", help="only rewrite table.md and the plots from OUT/results.json")
     p.add_argument("--model", default="minilm")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--rounds", type=int, nargs="+", default=[10, 20, 40, 80, 160, 320, 640, 1280], help="round sizes")
@@ -359,10 +366,22 @@ def save(results: dict, out: Path) -> None:
     plot(results, out)
 
 
+def report(out: Path) -> None:
+    """Rewrite ``table.md`` and the plots from ``out/results.json`` (e.g. after an interrupted run)."""
+    import json
+
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    atomic_write_text(out / "table.md", table(results))
+    plot(results, out)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
-    config = {k: v for k, v in vars(args).items() if k != "out"}
+    if args.report:
+        report(out)
+        return 0
+    config = {k: v for k, v in vars(args).items() if k not in ("out", "report")}
     path = out / "results.json"
     results = {"config": config, "versions": library_versions(), "cells": {}}
     if path.is_file():
