@@ -548,7 +548,7 @@ def apply_run(run_dir: str | Path, data_path: str, out: str | Path, overrides: d
 
 
 def export_run(run_dir: str | Path, data_path: str | None, out: str | Path, overrides: dict[str, Any] | None) -> Path:
-    """``bhpeft export``: the ``InferenceData`` of a run on ``data_path`` (default its own test file)."""
+    """``bhpeft export``: the ``InferenceData`` of a run on the labelled examples of ``data_path``."""
     fitted, record = open_run(run_dir, overrides)
     if data_path is None:
         raise SpecError("bhpeft export needs --data FILE (labelled examples to compute the log-likelihood on)")
