@@ -57,6 +57,8 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
                 continue
             key = f"{section}.{f.name}" if section else f.name
             flags = [f"--{key}"] + ([f"--{key.replace('_', '-')}"] if "_" in f.name else [])
+            if key == "model.file":
+                flags.append("--model")  # bhpeft fit --model models/news.py
             scalar, optional, is_list = field_type(cls, f.name)
             default = getattr(instance, f.name)
             help_text = f.metadata.get("help", "")
@@ -210,7 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
         "ECE, NLL, Brier and accuracy at 80%% coverage; write metrics.json, inference_data.nc and plots.",
     )
     demo.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
-    demo.add_argument("--model", default="minilm", help="base model: 'minilm' (bundled) or a local folder")
+    demo.add_argument(
+        "--backbone", "--model", dest="model", default="minilm", help="base model: 'minilm' (bundled) or a local folder"
+    )
     demo.add_argument("--train-size", type=int, default=320, help="training reviews sampled (default 320)")
     demo.add_argument("--test-size", type=int, default=300, help="test reviews sampled (default 300)")
     demo.add_argument("--epochs", type=int, default=4, help="passes over the training reviews (default 4)")

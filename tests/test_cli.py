@@ -488,3 +488,12 @@ def test_demo_with_a_missing_model_folder_is_a_one_line_error(tmp_path, capsys):
     assert code == 2
     assert err.startswith("bhpeft: error:") and "missing" in err and len(err.splitlines()) == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_model_alias_selects_the_model_file():
+    from bhpeft_ppl.cli import build_parser
+
+    args = build_parser().parse_args(["fit", "--model", "models/news.py"])
+    assert vars(args)["model.file"] == "models/news.py"
+    demo = build_parser().parse_args(["demo", "--backbone", "/some/folder"])
+    assert demo.model == "/some/folder"
