@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import SECTIONS, RunConfig, field_type, load_config
-from .errors import BHPEFTError
+from .errors import BHPEFTError, FitInterrupted
 
 _SECTIONS = tuple(SECTIONS)
 
@@ -82,7 +82,7 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    skip = {"command", "run", "config", "run_dir", "data_file", "command_line"}
+    skip = {"command", "run", "config", "run_dir", "data_file", "command_line", "resume"}
     return {k: v for k, v in vars(args).items() if k not in skip}
 
 
@@ -98,12 +98,15 @@ def _print_metrics(metrics: dict[str, Any]) -> None:
 
 
 def _fit(args: argparse.Namespace) -> int:
+    from .distributed import init_from_env, is_main_process
     from .workflow import fit_run
 
     config = load_config(args.config, _overrides(args))
-    metrics = fit_run(config, command=args.command_line)
-    _print_metrics(metrics)
-    print(f"wrote {config.out}")
+    init_from_env()  # under torchrun / accelerate launch
+    metrics = fit_run(config, command=args.command_line, resume=args.resume)
+    if is_main_process():
+        _print_metrics(metrics)
+        print(f"wrote {config.out}")
     return 0
 
 
@@ -169,6 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fit the model file's Bayesian hybrid to the training data by SVI, score the test split "
         "(accuracy, NLL, Brier, ECE, selective prediction), and write the run folder: config.toml, run.json, "
         "metrics.json, posterior/, inference_data.nc, plots/, predictions.csv.",
+    )
+    fit.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted fit from its checkpoint OUT.checkpoint.safetensors (same config and data)",
     )
     add_config_options(fit)
     fit.set_defaults(run=_fit)
@@ -247,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
         where = f" {err.filename}" if err.filename else ""
         print(f"bhpeft: error: cannot read or write{where}: {_one_line(err.strerror or err)}", file=sys.stderr)
         return 1
+    except FitInterrupted as err:
+        print(f"bhpeft: {_one_line(err)} (add --resume to the same command)", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print("bhpeft: interrupted; nothing was written to the run folder", file=sys.stderr)
         return 130

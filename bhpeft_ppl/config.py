@@ -93,6 +93,7 @@ class TrainSection:
     estimator: str = _opt("mean_field", "ELBO estimator (mean_field: analytic KL where known)", ("mean_field", "trace"))
     max_steps: int | None = _opt(None, "stop after this many steps")
     scale_lr_factor: float = _opt(1.0, "learning rate of the guide's scale parameters relative to lr")
+    checkpoint_every: int = _opt(100, "steps between training checkpoints (0: only at the end and on Ctrl-C)")
 
 
 @dataclass
@@ -270,6 +271,7 @@ def _check_ranges(config: RunConfig) -> RunConfig:
         ("train.batch_size", t.batch_size, t.batch_size >= 1, "a positive integer"),
         ("train.lr", t.lr, t.lr > 0, "positive"),
         ("train.scale_lr_factor", t.scale_lr_factor, t.scale_lr_factor > 0, "positive"),
+        ("train.checkpoint_every", t.checkpoint_every, t.checkpoint_every >= 0, "a non-negative integer"),
         ("predict.samples", p.samples, p.samples >= 1, "a positive integer"),
         ("predict.batch_size", p.batch_size, p.batch_size >= 1, "a positive integer"),
         ("predict.coverage", p.coverage, 0 < p.coverage <= 1, "in (0, 1]"),

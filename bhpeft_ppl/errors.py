@@ -19,3 +19,11 @@ class PosteriorMismatchError(BHPEFTError):
 
 class DivergenceError(BHPEFTError, FloatingPointError):
     """The ELBO or a gradient became NaN or infinite during fitting."""
+
+
+class CheckpointError(BHPEFTError):
+    """A training checkpoint is missing, damaged, or belongs to another run."""
+
+
+class FitInterrupted(KeyboardInterrupt):
+    """Fitting was interrupted (Ctrl-C) after a checkpoint was written; resume from it."""

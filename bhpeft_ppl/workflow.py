@@ -24,6 +24,7 @@ import io
 import json
 import math
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,8 @@ from .backbone import load_backbone
 from .config import RunConfig, load_config, to_toml
 from .data import Collator, EncodedDataset, encode_split
 from .decisions import Decisions, Threshold, accept, bayes_decisions, choose_threshold, realised_cost
-from .errors import SpecError
+from .distributed import is_main_process
+from .errors import CheckpointError, SpecError
 from .export import save_inference_data, to_inference_data
 from .files import atomic_write_json, atomic_write_text, library_versions, staged_directory
 from .guides import GuideSpec
@@ -337,6 +339,7 @@ def fit_config_of(config: RunConfig, seed: int | None = None) -> FitConfig:
         estimator=t.estimator,
         max_steps=t.max_steps,
         scale_lr_factor=t.scale_lr_factor,
+        checkpoint_every=t.checkpoint_every,
         seed=config.seed if seed is None else seed,
         progress=not config.quiet,
     )
@@ -376,13 +379,34 @@ def finish_run(
     return metrics
 
 
-def fit_run(config: RunConfig, command: str | None = None) -> dict[str, Any]:
-    """``bhpeft fit``: load, fit, score the test split, write the run folder ``config.out``."""
+def checkpoint_path(out: str | Path) -> Path:
+    """Where ``bhpeft fit --out OUT`` keeps its training checkpoint: ``OUT.checkpoint.safetensors``,
+    beside the run folder (which is only written at the end); removed once the run folder is written."""
+    out = Path(out)
+    return out.with_name(out.name + ".checkpoint.safetensors")
+
+
+def fit_run(config: RunConfig, command: str | None = None, resume: bool = False) -> dict[str, Any]:
+    """``bhpeft fit``: load, fit, score the test split, write the run folder ``config.out``.
+
+    Training checkpoints go to :func:`checkpoint_path`; ``resume`` continues from one.  In a
+    ``torch.distributed`` process group every rank fits its shard and rank 0 alone scores and
+    writes (the other ranks return ``{}``).
+    """
     start = time.perf_counter()
     _quiet_libraries(config)
     model_file = load_model_file(config.model.file)
     task = load_data(config, model_file)
-    with staged_directory(config.out) as stage:
+    checkpoint = checkpoint_path(config.out)
+    if resume and not checkpoint.is_file():
+        raise CheckpointError(f"--resume: there is no checkpoint {checkpoint} to resume from; run without --resume")
+    if not resume and checkpoint.exists():
+        raise CheckpointError(
+            f"an interrupted run left the checkpoint {checkpoint}; add --resume to continue it, or delete it to start afresh"
+        )
+    main = is_main_process()
+    with staged_directory(config.out) if main else tempfile.TemporaryDirectory() as stage:
+        stage = Path(stage)
         torch.manual_seed(config.seed)
         base, tokenizer = load_backbone(config.model.backbone)
         peft = inject(base, model_file.hybrid_spec(task.num_labels))
@@ -396,15 +420,20 @@ def fit_run(config: RunConfig, command: str | None = None) -> dict[str, Any]:
         )
         fitted = Fitted(model, None, tokenizer, task.label_names, model_file, config)
         train = fitted.encode(task.splits["train"])
-        result: FitResult = fit(model, train, fit_config_of(config), collate_fn=fitted.collate)
+        fit_config = fit_config_of(config)
+        result: FitResult = fit(model, train, fit_config, collate_fn=fitted.collate, checkpoint=checkpoint, resume=resume)
+        if not main:
+            return {}
         fitted.guide, fitted.history = result.guide, result.history
         seconds = time.perf_counter() - start
         record = run_record(config, model_file, task, model, command)
         record["rounds"] = [
             {"round": 0, "data": config.data.train, "source": task.sources["train"], "rows": len(train), "replayed": 0}
         ]
-        extra = {"seconds_fit": seconds, "train_size": len(train), "round": 0}
-        return finish_run(stage, fitted, task, result, extra, record)
+        extra = {"seconds_fit": seconds, "train_size": len(train), "round": 0, "resumed": resume}
+        metrics = finish_run(stage, fitted, task, result, extra, record)
+    checkpoint.unlink(missing_ok=True)  # the run folder now holds the posterior
+    return metrics
 
 
 def update_run(
