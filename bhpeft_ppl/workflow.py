@@ -37,7 +37,7 @@ from .backbone import load_backbone
 from .config import RunConfig, load_config, to_toml
 from .data import Collator, EncodedDataset, encode_split
 from .decisions import Decisions, Threshold, accept, bayes_decisions, choose_threshold, realised_cost
-from .distributed import is_main_process
+from .distributed import is_main_process, world
 from .errors import CheckpointError, SpecError
 from .export import save_inference_data, to_inference_data
 from .files import atomic_write_json, atomic_write_text, library_versions, staged_directory
@@ -430,7 +430,7 @@ def fit_run(config: RunConfig, command: str | None = None, resume: bool = False)
         record["rounds"] = [
             {"round": 0, "data": config.data.train, "source": task.sources["train"], "rows": len(train), "replayed": 0}
         ]
-        extra = {"seconds_fit": seconds, "train_size": len(train), "round": 0, "resumed": resume}
+        extra = {"seconds_fit": seconds, "train_size": len(train), "round": 0, "resumed": resume, "processes": world()[1]}
         metrics = finish_run(stage, fitted, task, result, extra, record)
     checkpoint.unlink(missing_ok=True)  # the run folder now holds the posterior
     return metrics

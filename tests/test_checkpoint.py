@@ -14,16 +14,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from backbones import fit_argv, tiny_backbone
 from helpers import separable_dataset, small_spec, tiny_bert
 from safetensors.torch import load_file
 
 import bhpeft_ppl.checkpoint as checkpoint_module
 from bhpeft_ppl.checkpoint import load_checkpoint
+from bhpeft_ppl.cli import main
 from bhpeft_ppl.errors import CheckpointError, DivergenceError, FitInterrupted, SpecError
 from bhpeft_ppl.guides import GuideSpec
 from bhpeft_ppl.infer import EarlyStopping, FitConfig, fit
 from bhpeft_ppl.inject import inject
 from bhpeft_ppl.model import BayesianHybridModel
+from bhpeft_ppl.workflow import checkpoint_path
 
 CHILD = Path(__file__).with_name("checkpoint_child.py")
 CONFIG = FitConfig(epochs=3, batch_size=8, lr=1e-2, checkpoint_every=2, progress=False)  # 40 examples: 5 steps per epoch
@@ -330,3 +333,83 @@ def test_ctrl_c_writes_a_checkpoint_and_says_how_to_resume(tmp_path, uninterrupt
 
 def test_fit_interrupted_is_a_keyboard_interrupt():
     assert issubclass(FitInterrupted, KeyboardInterrupt)
+
+
+# The command line: bhpeft fit --resume ---------------------------------------------------------------
+def _cli_argv(backbone: Path, out: Path, *extra: str) -> list[str]:
+    """A tiny ``bhpeft fit`` of 300 steps with a checkpoint every 5 steps."""
+    return fit_argv(
+        backbone,
+        out,
+        *("--data.train_size", "200", "--train.epochs", "3", "--train.batch_size", "2"),
+        *("--train.checkpoint_every", "5", *extra),
+    )
+
+
+def _cli(argv: list[str], wait: bool = True):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "bhpeft_ppl.cli", *argv]
+    if wait:
+        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _posterior(out: Path):
+    meta = json.loads((out / "posterior" / "posterior.json").read_text())
+    return load_file(out / "posterior" / "posterior.safetensors"), meta["history"]
+
+
+@pytest.fixture(scope="module")
+def cli_backbone(tmp_path_factory):
+    return tiny_backbone(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def cli_uninterrupted(tmp_path_factory, cli_backbone):
+    out = tmp_path_factory.mktemp("cli") / "run"
+    done = _cli(_cli_argv(cli_backbone, out))
+    assert done.returncode == 0, done.stderr
+    assert not checkpoint_path(out).exists(), "the checkpoint is removed once the run folder is written"
+    return _posterior(out)
+
+
+@pytest.mark.parametrize("signal_sent", [signal.SIGKILL, signal.SIGINT], ids=["sigkill", "ctrl_c"])
+def test_cli_fit_killed_then_resumed_matches_an_uninterrupted_fit(tmp_path, cli_backbone, cli_uninterrupted, signal_sent):
+    out = tmp_path / "run"
+    process = _cli(_cli_argv(cli_backbone, out), wait=False)
+    _wait_for(checkpoint_path(out), process)
+    process.send_signal(signal_sent)
+    _, stderr = process.communicate(timeout=120)
+    step = load_checkpoint(checkpoint_path(out)).step
+    if signal_sent == signal.SIGINT:
+        assert process.returncode == 130, stderr
+        lines = stderr.strip().splitlines()
+        assert len(lines) == 1 and "interrupted at step" in lines[0] and "--resume" in lines[0], stderr
+        assert f"step {step} of 300" in lines[0]
+    else:
+        assert process.returncode == -signal.SIGKILL
+    assert 5 <= step < 300, "the signal should land during training"
+    assert not out.exists(), "no partial run folder"
+    assert _cli(_cli_argv(cli_backbone, out)).returncode == 2, "an interrupted run is not overwritten without --resume"
+    resumed = _cli(_cli_argv(cli_backbone, out, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr
+    tensors, history = _posterior(out)
+    _assert_bitwise(cli_uninterrupted[0], tensors)
+    assert history == cli_uninterrupted[1]
+    assert not checkpoint_path(out).exists()
+    assert json.loads((out / "metrics.json").read_text())["resumed"] is True
+
+
+def test_cli_resume_errors_are_one_line(tmp_path, cli_backbone, capsys):
+    out = tmp_path / "run"
+    assert main(_cli_argv(cli_backbone, out, "--resume")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "no checkpoint" in err and "without --resume" in err
+    assert not out.exists()
+    checkpoint_path(out).write_bytes(b"not a checkpoint")
+    assert main(_cli_argv(cli_backbone, out, "--resume")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "not a readable checkpoint" in err and "Traceback" not in err
+    assert not out.exists()
+    assert main(_cli_argv(cli_backbone, out, "--train.checkpoint_every", "-1")) == 2
+    assert "train.checkpoint_every must be a non-negative integer" in capsys.readouterr().err
