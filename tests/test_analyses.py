@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -48,3 +50,22 @@ def test_dynamic_finetuning_smoke_writes_results_and_resumes(tmp_path):
     rerun = subprocess.run(command, check=True, capture_output=True, text=True, timeout=900)
     assert rerun.stdout.count("done, skipped") == len(results["cells"])
     assert json.loads((out / "results.json").read_text())["cells"] == json.loads(before)["cells"]
+
+
+def test_memory_estimate_counts_the_injected_sites(tmp_path):
+    out = tmp_path / "memory"
+    command = [sys.executable, str(ROOT / "analyses" / "memory_estimate.py"), "--model", "minilm-l6", "--out", str(out)]
+    subprocess.run(command, check=True, capture_output=True, timeout=600)
+    rows = {r["guide"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+    from transformers import AutoModel
+
+    from bhpeft_ppl import HybridSpec, inject
+    from bhpeft_ppl.backbone import bundled_path
+
+    peft = inject(AutoModel.from_pretrained(bundled_path("minilm")), HybridSpec.bh_peft())
+    assert rows["mean_field"]["sites"] == len(peft.sites)
+    latent = sum(int(torch.Size(s.shape).numel()) for s in peft.sites.values())
+    assert rows["mean_field"]["latent_weights"] == latent
+    # mean-field keeps two variational parameters per weight, MAP one: twice the optimizer memory
+    assert rows["mean_field"]["guide_params_grads_adam_gib"] == 2 * rows["map"]["guide_params_grads_adam_gib"]
+    assert (out / "table.md").read_text().count("| minilm-l6 |") == 2
