@@ -9,7 +9,7 @@ sample sites are counted exactly.  Then, per rank, in bytes:
   variational parameters each (mean-field 2: location and scale; MAP 1;
   low-rank :math:`2 + r`): parameters, gradients and two Adam moments,
   :math:`4 k P \\cdot 4`, plus the sampled weights and their gradients,
-  :math:`2 P \\cdot 4` per ELBO particle;
+  :math:`2 P \\cdot 4` per ELBO particle (none for MAP, whose draw is its parameter);
 * activations kept for the backward pass through the frozen base (the LoRA,
   adapter and prefix gradients of the lowest layer need them all): per layer
   :math:`s b h (34 + 5 a s / h)` bytes in 16-bit precision (Korthikanti et al.,
@@ -83,7 +83,7 @@ def estimate(config, counts: dict[str, int], args) -> dict[str, float]:
     parts = {
         "base_weights": counts["base_parameters"] * args.base_dtype_bytes,
         "guide_params_grads_adam": 4 * k * p * 4,
-        "sampled_weights_and_grads": 2 * p * 4 * args.particles,
+        "sampled_weights_and_grads": 2 * p * 4 * args.particles if args.guide != "map" else 0,
         "activations": activations,
     }
     out = {f"{name}_gib": value / GIB for name, value in parts.items()}

@@ -203,8 +203,22 @@ def _lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]
     return factor
 
 
+def _site_of(parameter: str) -> str:
+    """The sample site a trainable parameter belongs to: ``guide.0.locs.<site>_unconstrained`` and
+    ``point.<site>`` name one; a joint low-rank guide's ``guide.1.loc`` covers several and stays as is."""
+    parts = parameter.split(".")
+    if parts[0] == "guide" and len(parts) > 3 and parts[2] in ("locs", "scales"):
+        site = ".".join(parts[3:])
+        return site.removesuffix("_unconstrained")
+    if parts[0] == "point":
+        return ".".join(parts[1:])
+    return parameter
+
+
 def _bad_sites(named: dict[str, torch.Tensor]) -> list[str]:
-    return [name for name, t in named.items() if t is not None and not torch.isfinite(t).all()]
+    """The sites (or joint guide parameters) among ``named`` holding a NaN or infinity, in order."""
+    bad = [_site_of(name) for name, t in named.items() if t is not None and not torch.isfinite(t).all()]
+    return list(dict.fromkeys(bad))
 
 
 def _is_scale(name: str) -> bool:
@@ -247,7 +261,7 @@ class SVIStep:
         self.step = 0
 
     def _diverged(self, what: str, epoch: int, bad: list[str], hint: str) -> DivergenceError:
-        return DivergenceError(f"{what} at step {self.step} (epoch {epoch}); non-finite: {bad[:5] or 'no parameter yet'}; {hint}")
+        return DivergenceError(f"{what} at step {self.step} (epoch {epoch}); non-finite sites: {bad[:5] or 'none yet'}; {hint}")
 
     def loss_and_grad(self, batch: dict, epoch: int = 0) -> dict[str, float]:
         """Estimate the loss on ``batch`` and set the gradients (averaged over the ranks of a
