@@ -183,3 +183,47 @@ def test_perfect_one_hot_predictions(labels, binning):
     assert nll(probs, labels) == 0.0
     assert ece(probs, labels, binning=binning) == 0.0
     assert mce(probs, labels, binning=binning) == 0.0
+
+
+@st.composite
+def sharp_problems(draw, max_n: int = 30):
+    """Continuous probabilities from wide logits: near-one-hot rows, probabilities that underflow to 0, float32 rows."""
+    n = draw(st.integers(1, max_n))
+    c = draw(st.integers(2, 5))
+    logits = draw(st.lists(st.floats(-60, 60), min_size=n * c, max_size=n * c))
+    probs = torch.softmax(torch.tensor(logits, dtype=torch.double).view(n, c), -1)
+    if draw(st.booleans()):
+        probs = probs.float()
+    labels = torch.tensor(draw(st.lists(st.integers(0, c - 1), min_size=n, max_size=n)))
+    return probs, labels
+
+
+@settings(max_examples=60, deadline=None)
+@given(problem=problems() | sharp_problems())
+def test_every_summary_score_in_its_range(problem):
+    """NLL >= 0 (finite even when the label's probability is 0), Brier in [0, 2], the rest in [0, 1]."""
+    scores = summary(*problem)
+    assert set(scores) == {"accuracy", "nll", "brier", "ece", "ece_mass", "mce"}
+    assert 0.0 <= scores["nll"] < math.inf
+    assert 0.0 <= scores["brier"] <= 2.0 + 1e-12
+    for key in ("accuracy", "ece", "ece_mass", "mce"):
+        assert 0.0 <= scores[key] <= 1.0 + 1e-12, key
+
+
+@settings(max_examples=40, deadline=None)
+@given(problem=sharp_problems(), seed=st.integers(0, 2**16))
+def test_summary_of_sharp_probabilities_invariant_to_example_order(problem, seed):
+    probs, labels = problem
+    perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    assert summary(probs[perm], labels[perm]) == pytest.approx(summary(probs, labels), abs=1e-12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(labels=st.lists(st.integers(0, 5), min_size=1, max_size=30), num_classes=st.integers(6, 9), num_bins=st.integers(1, 20))
+def test_perfect_one_hot_summary_is_zero_error(labels, num_classes, num_bins):
+    """Any number of classes and bins: accuracy 1, and NLL, Brier, both ECEs and MCE exactly 0."""
+    labels = torch.tensor(labels)
+    probs = torch.nn.functional.one_hot(labels, num_classes).float()
+    assert summary(probs, labels) == {"accuracy": 1.0, "nll": 0.0, "brier": 0.0, "ece": 0.0, "ece_mass": 0.0, "mce": 0.0}
+    for binning in ("width", "mass"):
+        assert ece(probs, labels, num_bins, binning) == 0.0
