@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,25 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in vars(args).items() if k not in skip}
 
 
+def _file_overrides(path: str | None) -> dict[str, Any]:
+    """The settings of ``--config FILE``, flattened to ``section.field`` keys, checked as 'bhpeft fit' checks them."""
+    if path is None:
+        return {}
+    load_config(path)  # a SpecError naming the file and the key
+    flat: dict[str, Any] = {}
+    for key, value in tomllib.loads(Path(path).read_text(encoding="utf-8")).items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{sub}": v for sub, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def _run_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``--config`` file, then the options, for a command that reopens a run (``--out`` is the command's own)."""
+    return {k: v for k, v in {**_file_overrides(args.config), **_overrides(args)}.items() if k != "out"}
+
+
 def _print_metrics(metrics: dict[str, Any]) -> None:
     methods = metrics.get("methods") or {}
     if not methods:
@@ -115,7 +135,7 @@ def _apply(labelled: bool):
         from .workflow import apply_run
 
         out = args.out if "out" in vars(args) else str(Path(args.run_dir) / ("evaluate" if labelled else "predict"))
-        overrides = {k: v for k, v in _overrides(args).items() if k != "out"}
+        overrides = _run_overrides(args)
         metrics, _ = apply_run(args.run_dir, args.data_file, out, overrides, labelled)
         if labelled:
             _print_metrics(metrics)
@@ -129,7 +149,7 @@ def _export(args: argparse.Namespace) -> int:
     from .workflow import export_run
 
     out = args.out if "out" in vars(args) else str(Path(args.run_dir) / "export")
-    overrides = {k: v for k, v in _overrides(args).items() if k != "out"}
+    overrides = _run_overrides(args)
     path = export_run(args.run_dir, args.data_file, out, overrides)
     print(f"wrote {path}")
     return 0
@@ -139,7 +159,7 @@ def _update(args: argparse.Namespace) -> int:
     from .workflow import update_run
 
     out = args.out if "out" in vars(args) else str(Path(args.run_dir).with_name(Path(args.run_dir).name + "-update"))
-    overrides = {k: v for k, v in _overrides(args).items() if k != "out"}
+    overrides = _run_overrides(args)
     metrics = update_run(args.run_dir, args.data_file, out, overrides, command=args.command_line)
     _print_metrics(metrics)
     print(f"wrote {out}")
@@ -241,6 +261,12 @@ def _one_line(message: object) -> str:
     return " ".join(str(message).split())
 
 
+def _notes(err: BaseException) -> str:
+    """``; `` and the notes added on the way up (e.g. where the trained state is kept), or nothing."""
+    notes = getattr(err, "__notes__", None)
+    return "; " + _one_line("; ".join(notes)) if notes else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run a subcommand; errors print one line (exit 2 for input errors, 1 for failed writes)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -249,17 +275,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except BHPEFTError as err:
-        print(f"bhpeft: error: {_one_line(err)}", file=sys.stderr)
+        print(f"bhpeft: error: {_one_line(err)}{_notes(err)}", file=sys.stderr)
         return 2
     except OSError as err:
         where = f" {err.filename}" if err.filename else ""
-        print(f"bhpeft: error: cannot read or write{where}: {_one_line(err.strerror or err)}", file=sys.stderr)
+        print(f"bhpeft: error: cannot read or write{where}: {_one_line(err.strerror or err)}{_notes(err)}", file=sys.stderr)
         return 1
     except FitInterrupted as err:
         print(f"bhpeft: {_one_line(err)} (add --resume to the same command)", file=sys.stderr)
         return 130
-    except KeyboardInterrupt:
-        print("bhpeft: interrupted; nothing was written to the run folder", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        written = "the run folder was not written" + _notes(err) if _notes(err) else "nothing was written to the run folder"
+        print(f"bhpeft: interrupted; {written}", file=sys.stderr)
         return 130
 
 

@@ -262,7 +262,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
 
 def _check_ranges(config: RunConfig) -> RunConfig:
     """Values of the right type but outside their range, caught before any work is done."""
-    d, t, p, e = config.data, config.train, config.predict, config.export
+    d, t, p, e, u = config.data, config.train, config.predict, config.export, config.update
     checks = (
         ("data.max_length", d.max_length, d.max_length >= 2, "at least 2 (the special tokens)"),
         ("data.validation_fraction", d.validation_fraction, 0 <= d.validation_fraction < 1, "in [0, 1)"),
@@ -280,8 +280,8 @@ def _check_ranges(config: RunConfig) -> RunConfig:
         ("export.samples", e.samples, e.samples is None or e.samples >= 1, "a positive integer (or unset)"),
         ("update.inflation", config.update.inflation, config.update.inflation >= 1, "at least 1 (1 = exact updating)"),
         ("update.replay", config.update.replay, 0 <= config.update.replay <= 1, "a fraction in [0, 1]"),
-        ("update.max_history", config.update.max_history, (config.update.max_history or 1) >= 1, "a positive integer"),
-        ("update.map_scale", config.update.map_scale, (config.update.map_scale or 1) > 0, "positive"),
+        ("update.max_history", u.max_history, u.max_history is None or u.max_history >= 1, "a positive integer"),
+        ("update.map_scale", u.map_scale, u.map_scale is None or u.map_scale > 0, "positive"),
     )
     for key, value, ok, what in checks:
         if not ok:

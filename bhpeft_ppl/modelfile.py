@@ -81,7 +81,7 @@ def _import(path: Path):
     sys.modules[name] = module
     try:
         spec.loader.exec_module(module)
-    except Exception as err:
+    except (Exception, SystemExit) as err:  # sys.exit() in a model file must not end bhpeft silently
         sys.modules.pop(name, None)
         where = f" (line {err.lineno})" if isinstance(err, SyntaxError) and err.lineno else ""
         raise SpecError(f"the model file {path} raised {type(err).__name__}{where} on import: {err}; fix the file") from None

@@ -186,12 +186,15 @@ def load_guide(directory: str | Path, model: BayesianHybridModel):
     return guide
 
 
-def load_posterior(directory: str | Path, base: torch.nn.Module, priors_function=None, model_fn=None):
+def load_posterior(
+    directory: str | Path, base: torch.nn.Module, priors_function=None, model_fn=None, spec: HybridSpec | None = None
+):
     """Rebuild the model saved in ``directory`` on ``base`` and load its posterior.
 
     :param base: the same pretrained model (checked by fingerprint).
     :param priors_function: the prior function, if the saved priors used one.
     :param model_fn: the Pyro model function (a model file's ``model``); default the categorical model.
+    :param spec: the spec the posterior must have been fitted with (a run's model file), if known.
     :returns: ``(model, guide)``.
     """
     meta = read_posterior_metadata(directory)
@@ -199,6 +202,12 @@ def load_posterior(directory: str | Path, base: torch.nn.Module, priors_function
     problems = _differences({"base_model": meta["base_model"]}, {"base_model": fingerprint})
     if problems:
         raise PosteriorMismatchError(f"the posterior in {directory} was fitted on another base model: {'; '.join(problems[:4])}")
+    if spec is not None:
+        problems = _differences({"spec": meta["spec"]}, {"spec": spec.to_dict()})
+        if problems:
+            raise PosteriorMismatchError(
+                f"the posterior in {directory} does not fit the model file's spec: {'; '.join(problems[:4])}"
+            )
     tensors = _read_tensors(Path(directory), meta) if meta["priors"].get("sites") else None
     peft = inject(base, HybridSpec.from_dict(meta["spec"]))
     try:

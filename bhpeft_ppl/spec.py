@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -34,15 +35,25 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _targets(value: Any, owner: str) -> tuple[str, ...] | None:
+def _is_number(value: Any) -> bool:
+    """A finite int or float (not a bool)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_flags(spec: Any, *names: str) -> None:
+    for name in names:
+        if not isinstance(getattr(spec, name), bool):
+            raise SpecError(f"{type(spec).__name__}.{name} must be true or false, got {getattr(spec, name)!r}")
+
+
+def _targets(value: Any, owner: str, name: str = "target_modules") -> tuple[str, ...] | None:
     if value is None:
         return None
     if isinstance(value, str):
         value = (value,)
-    value = tuple(value)
-    if not value or not all(isinstance(v, str) and v for v in value):
-        raise SpecError(f"{owner}.target_modules must be None or a non-empty list of non-empty strings, got {value!r}")
-    return value
+    if not isinstance(value, list | tuple) or not value or not all(isinstance(v, str) and v for v in value):
+        raise SpecError(f"{owner}.{name} must be None or a non-empty list of non-empty strings, got {value!r}")
+    return tuple(value)
 
 
 class _Spec:
@@ -68,7 +79,7 @@ class _Spec:
         if not isinstance(data, dict):
             raise SpecError(f"{cls.__name__} expects a mapping, got {type(data).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
+        unknown = sorted(set(data) - names, key=repr)
         if unknown:
             raise SpecError(f"unknown {cls.__name__} field(s) {unknown}; valid fields are {sorted(names)}")
         return cls(**data)
@@ -97,10 +108,11 @@ class LoRASpec(_Spec):
         object.__setattr__(self, "target_modules", _targets(self.target_modules, "LoRASpec"))
         if not _is_int(self.rank) or self.rank < 1:
             raise SpecError(f"LoRASpec.rank must be a positive integer, got {self.rank!r}")
-        if not isinstance(self.alpha, int | float) or self.alpha <= 0:
+        if not _is_number(self.alpha) or self.alpha <= 0:
             raise SpecError(f"LoRASpec.alpha must be positive, got {self.alpha!r}")
-        if not isinstance(self.dropout, int | float) or not 0.0 <= self.dropout < 1.0:
+        if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
             raise SpecError(f"LoRASpec.dropout must be in [0, 1), got {self.dropout!r}")
+        _check_flags(self, "gate")
 
     @property
     def scaling(self) -> float:
@@ -137,14 +149,12 @@ class AdapterSpec(_Spec):
 
     def __post_init__(self):
         object.__setattr__(self, "target_modules", _targets(self.target_modules, "AdapterSpec"))
-        object.__setattr__(self, "input_modules", _targets(self.input_modules, "AdapterSpec"))
+        object.__setattr__(self, "input_modules", _targets(self.input_modules, "AdapterSpec", "input_modules"))
         if self.bottleneck is not None and self.reduction_factor is not None:
             raise SpecError("AdapterSpec: give either bottleneck or reduction_factor, not both")
         if self.bottleneck is not None and (not _is_int(self.bottleneck) or self.bottleneck < 1):
             raise SpecError(f"AdapterSpec.bottleneck must be a positive integer, got {self.bottleneck!r}")
-        if self.reduction_factor is not None and (
-            not isinstance(self.reduction_factor, int | float) or self.reduction_factor <= 0
-        ):
+        if self.reduction_factor is not None and (not _is_number(self.reduction_factor) or self.reduction_factor <= 0):
             raise SpecError(f"AdapterSpec.reduction_factor must be positive, got {self.reduction_factor!r}")
         if self.non_linearity not in NON_LINEARITIES:
             raise SpecError(f"AdapterSpec.non_linearity must be one of {NON_LINEARITIES}, got {self.non_linearity!r}")
@@ -152,8 +162,9 @@ class AdapterSpec(_Spec):
             raise SpecError(f"AdapterSpec.placement must be one of {PLACEMENTS}, got {self.placement!r}")
         if self.input_modules is not None and self.placement != "parallel":
             raise SpecError("AdapterSpec.input_modules only applies to placement='parallel'; remove it or set placement")
-        if not isinstance(self.scaling, int | float):
-            raise SpecError(f"AdapterSpec.scaling must be a number, got {self.scaling!r}")
+        if not _is_number(self.scaling):
+            raise SpecError(f"AdapterSpec.scaling must be a finite number, got {self.scaling!r}")
+        _check_flags(self, "gate")
 
     def width(self, hidden_size: int) -> int:
         """Bottleneck width for a layer of width ``hidden_size``."""
@@ -194,6 +205,7 @@ class PrefixSpec(_Spec):
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
                 raise SpecError(f"PrefixSpec.{name} must be a positive integer, got {value!r}")
+        _check_flags(self, "reparameterize", "gate")
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ import dataclasses
 import io
 import json
 import math
+import shutil
 import sys
 import tempfile
 import time
@@ -405,33 +406,41 @@ def fit_run(config: RunConfig, command: str | None = None, resume: bool = False)
             f"an interrupted run left the checkpoint {checkpoint}; add --resume to continue it, or delete it to start afresh"
         )
     main = is_main_process()
-    with staged_directory(config.out) if main else tempfile.TemporaryDirectory() as stage:
-        stage = Path(stage)
-        torch.manual_seed(config.seed)
-        base, tokenizer = load_backbone(config.model.backbone)
-        peft = inject(base, model_file.hybrid_spec(task.num_labels))
-        model = BayesianHybridModel(
-            peft,
-            model_file.priors,
-            guide_spec(config, model_file),
-            config.model.kl_weight if config.model.kl_weight is not None else model_file.kl_weight,
-            config.seed,
-            model_fn=model_file.model,
-        )
-        fitted = Fitted(model, None, tokenizer, task.label_names, model_file, config)
-        train = fitted.encode(task.splits["train"])
-        fit_config = fit_config_of(config)
-        result: FitResult = fit(model, train, fit_config, collate_fn=fitted.collate, checkpoint=checkpoint, resume=resume)
-        if not main:
-            return {}
-        fitted.guide, fitted.history = result.guide, result.history
-        seconds = time.perf_counter() - start
-        record = run_record(config, model_file, task, model, command)
-        record["rounds"] = [
-            {"round": 0, "data": config.data.train, "source": task.sources["train"], "rows": len(train), "replayed": 0}
-        ]
-        extra = {"seconds_fit": seconds, "train_size": len(train), "round": 0, "resumed": resume, "processes": world()[1]}
-        metrics = finish_run(stage, fitted, task, result, extra, record)
+    trained = False
+    try:
+        with staged_directory(config.out) if main else tempfile.TemporaryDirectory() as stage:
+            stage = Path(stage)
+            torch.manual_seed(config.seed)
+            base, tokenizer = load_backbone(config.model.backbone)
+            peft = inject(base, model_file.hybrid_spec(task.num_labels))
+            model = BayesianHybridModel(
+                peft,
+                model_file.priors,
+                guide_spec(config, model_file),
+                config.model.kl_weight if config.model.kl_weight is not None else model_file.kl_weight,
+                config.seed,
+                model_fn=model_file.model,
+            )
+            fitted = Fitted(model, None, tokenizer, task.label_names, model_file, config)
+            train = fitted.encode(task.splits["train"])
+            result: FitResult = fit(
+                model, train, fit_config_of(config), collate_fn=fitted.collate, checkpoint=checkpoint, resume=resume
+            )
+            trained = True
+            if not main:
+                return {}
+            fitted.guide, fitted.history = result.guide, result.history
+            seconds = time.perf_counter() - start
+            record = run_record(config, model_file, task, model, command)
+            record["rounds"] = [
+                {"round": 0, "data": config.data.train, "source": task.sources["train"], "rows": len(train), "replayed": 0}
+            ]
+            extra = {"seconds_fit": seconds, "train_size": len(train), "round": 0, "resumed": resume, "processes": world()[1]}
+            metrics = finish_run(stage, fitted, task, result, extra, record)
+    except BaseException as err:
+        if trained and checkpoint.is_file():  # keep the trained state, so that the run need not be refitted
+            err.add_note(f"the trained state is kept in {checkpoint}; add --resume to write the run folder without refitting")
+        raise
     checkpoint.unlink(missing_ok=True)  # the run folder now holds the posterior
     return metrics
 
@@ -528,7 +537,8 @@ def open_run(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> tu
             file=sys.stderr,
         )
     base, tokenizer = load_backbone(config.model.backbone)
-    model, guide = load_posterior(run_dir / POSTERIOR_DIR, base, model_fn=model_file.model)
+    spec = model_file.hybrid_spec(len(record["label_names"]))
+    model, guide = load_posterior(run_dir / POSTERIOR_DIR, base, model_fn=model_file.model, spec=spec)
     fitted = Fitted(model, guide, tokenizer, tuple(record["label_names"]), model_file, config)
     return fitted, record
 
@@ -599,4 +609,10 @@ def export_run(run_dir: str | Path, data_path: str | None, out: str | Path, over
     )
     out = Path(out)
     path = out if out.suffix == ".nc" else out / IDATA_FILE
-    return save_inference_data(idata, path)
+    created = next((p for p in reversed([path.parent, *path.parent.parents]) if not p.exists()), None)
+    try:
+        return save_inference_data(idata, path)
+    except BaseException:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)  # a failed write leaves no new, empty folder behind
+        raise

@@ -6,8 +6,8 @@ or input error), that stderr is one line ``bhpeft: error: ...`` naming the
 problem without a traceback, and that nothing was written: the folder holding
 ``--out`` (and the shared fitted run) is byte for byte as before.  The same checks
 cover a live pickle payload in place of a run's posterior (it must never run), a
-full disk (a failing write: exit code 1), and, marked ``xfail(strict=True)``, the
-bad inputs that still escape (``OPEN_BUG_CASES``).
+full disk (a failing write: exit code 1; after training, the checkpoint is kept
+for ``--resume``), and the bad inputs that once escaped (``FIXED_BUG_CASES``).
 
 The commands run on a tiny random-weight BERT with the real MiniLM tokenizer
 (``tests/backbones.py``); only :func:`test_demo_writes_both_methods` uses the
@@ -31,8 +31,10 @@ import pytest
 import torch
 from backbones import REPO, SST2_DEV, fitted_run, save_tiny_backbone, sst2_rows, tiny_backbone
 
+from bhpeft_ppl.checkpoint import load_checkpoint
 from bhpeft_ppl.cli import main
 from bhpeft_ppl.config import RunConfig
+from bhpeft_ppl.workflow import checkpoint_path
 
 pytestmark = pytest.mark.skipif(not SST2_DEV.is_file(), reason=f"SST-2 dev file not found at {SST2_DEV}")
 
@@ -564,43 +566,43 @@ def test_range_and_damage_errors_are_one_line(backbone, run, tmp_path, capsys, b
     assert _snapshot(ctx.tmp) == before
 
 
-# open bugs: inputs that still end in a traceback, a silent exit or a silent success --------------------------------------
-def _open_bug(
-    name: str, build: Callable[[Ctx], list[str]], needles: list[str], why: str, raises: type[BaseException] = AssertionError
+# fixed bugs: inputs that used to end in a traceback, a silent exit or a silent success --------------------------------------
+def _fixed_bug(
+    name: str, build: Callable[[Ctx], list[str]], needles: list[str], why: str, raises: type[BaseException] | None = None
 ):
-    """One case that fails today (``why``, raising ``raises``); strict, so a fix fails it until the mark is removed."""
-    return pytest.param(build, needles, id=name, marks=pytest.mark.xfail(strict=True, reason=why, raises=raises))
+    """A case that once escaped as ``why`` describes (fixed; kept as a regression test)."""
+    return pytest.param(build, needles, id=name)
 
 
-OPEN_BUG_CASES = [
-    _open_bug(
+FIXED_BUG_CASES = [
+    _fixed_bug(
         "from_run_with_posterior_of_another_spec",
         lambda c: c.apply("predict", c.unlabelled(), run=_posterior_of_another_spec(c)),
         ["spec", "rank"],
         "workflow.open_run rebuilds the model from the spec saved with the posterior and never compares it with the "
         "run's model file: a posterior of LoRA rank 2 in a run of rank 8 predicts silently (exit 0)",
     ),
-    _open_bug(
+    _fixed_bug(
         "predict_config_wrong_type",
         lambda c: c.apply("predict", c.unlabelled(), "--config", str(c.file("c.toml", '[predict]\nsamples = "many"\n'))),
         ["predict.samples must be int", "'many'"],
         "cli._apply never reads --config (only fit does): predict / evaluate / export accept the option and ignore the "
         "file, so its errors pass silently (exit 0) and its settings are not applied",
     ),
-    _open_bug(
+    _fixed_bug(
         "evaluate_config_unknown_key",
         lambda c: c.apply("evaluate", c.labelled(), "--config", str(c.file("c.toml", "[predict]\nsample = 3\n"))),
         ["unknown key predict.sample"],
         "cli._apply never reads --config (only fit does): the file is ignored (exit 0)",
     ),
-    _open_bug(
+    _fixed_bug(
         "model_file_exits_on_import",
         lambda c: c.fit("--model.file", str(_model_file(c, "quits.py", "import sys\nsys.exit()\n"))),
         ["quits.py", "SystemExit"],
         "modelfile._import catches Exception only: SystemExit escapes main, so 'bhpeft fit' ends with exit code 0 and no message",
         SystemExit,
     ),
-    _open_bug(
+    _fixed_bug(
         "model_file_spec_target_modules_not_a_list",
         lambda c: c.fit(
             "--model.file", str(_sentiment_variant(c, "targets.py", '"target_modules": None', '"target_modules": 5'))
@@ -609,7 +611,7 @@ OPEN_BUG_CASES = [
         "spec._targets calls tuple(5): TypeError escapes main as a traceback",
         TypeError,
     ),
-    _open_bug(
+    _fixed_bug(
         "model_file_spec_flag_not_a_bool",
         lambda c: c.fit(
             "--model.file", str(_sentiment_variant(c, "flag.py", '"reparameterize": True', '"reparameterize": "no"'))
@@ -621,8 +623,8 @@ OPEN_BUG_CASES = [
 ]
 
 
-@pytest.mark.parametrize("build, needles", OPEN_BUG_CASES)
-def test_open_bug_is_a_one_line_error_once_fixed(backbone, run, tmp_path, capsys, build, needles):
+@pytest.mark.parametrize("build, needles", FIXED_BUG_CASES)
+def test_fixed_bug_is_a_one_line_error(backbone, run, tmp_path, capsys, build, needles):
     ctx = Ctx(tmp_path / "work", backbone, run)
     ctx.tmp.mkdir()
     _assert_one_line_error_writing_nothing(ctx, build(ctx), needles, capsys)
@@ -685,24 +687,7 @@ FULL_DISK_CASES = [
     pytest.param(
         _netcdf_fails,
         lambda c: c.apply("export", c.labelled()),
-        id="export_netcdf",
-        marks=pytest.mark.xfail(
-            strict=True,
-            raises=AssertionError,
-            reason="workflow.export_run writes OUT/inference_data.nc with atomic_write, which creates the folder OUT "
-            "first; the failed write removes its temporary file but leaves the new, empty OUT behind",
-        ),
-    ),
-    pytest.param(
-        lambda mp: mp.setattr("bhpeft_ppl.serialize.save_file", lambda tensors, path, *args, **kwargs: _half_written(path)),
-        lambda c: c.fit(),
-        id="fit_posterior_weights",
-        marks=pytest.mark.xfail(
-            strict=True,
-            raises=AssertionError,
-            reason="workflow.fit_run removes the training checkpoint OUT.checkpoint.safetensors only after the run "
-            "folder is written: a failed write leaves it beside --out, and the error line does not mention it",
-        ),
+        id="export_netcdf",  # once left the new, empty OUT folder behind
     ),
 ]
 
@@ -715,6 +700,31 @@ def test_full_disk_is_a_one_line_error_and_leaves_nothing(backbone, run, tmp_pat
     argv = build(ctx)
     patch(monkeypatch)
     _assert_one_line_error_writing_nothing(ctx, argv, ["cannot read or write", "No space left on device"], capsys, code=1)
+
+
+def test_full_disk_after_training_keeps_the_trained_state_for_resume(backbone, run, tmp_path, capsys, monkeypatch):
+    """The posterior write fails after training: exit 1, one line naming the kept checkpoint; --resume then
+    writes the run folder from it without refitting."""
+    ctx = Ctx(tmp_path / "work", backbone, run)
+    ctx.tmp.mkdir()
+    argv = ctx.fit()
+    out = Path(argv[argv.index("--out") + 1])
+    with monkeypatch.context() as mp:
+        mp.setattr("bhpeft_ppl.serialize.save_file", lambda tensors, path, *args, **kwargs: _half_written(path))
+        assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "No space left on device" in err and "Traceback" not in err
+    checkpoint = checkpoint_path(out)
+    assert f"the trained state is kept in {checkpoint}" in err and "--resume" in err
+    assert not out.exists() and load_checkpoint(checkpoint).meta["finished"]
+    assert [p.name for p in out.parent.iterdir() if p.name.startswith(".")] == []  # no stage or temporary file
+    monkeypatch.setattr("bhpeft_ppl.infer.SVIStep.__call__", _no_step)  # resuming must not train again
+    assert main([*argv, "--resume"]) == 0
+    assert (out / "posterior" / "posterior.safetensors").is_file() and not checkpoint.exists()
+
+
+def _no_step(*_args, **_kwargs):
+    raise AssertionError("a finished checkpoint was trained again")
 
 
 # bhpeft demo -----------------------------------------------------------------------------------------------------------------

@@ -393,12 +393,6 @@ def test_out_of_range_values_are_spec_errors_naming_the_key(key_value):
 
 
 @pytest.mark.parametrize(("key", "value"), [("update.max_history", 0), ("update.map_scale", 0.0)])
-@pytest.mark.xfail(
-    strict=True,
-    raises=pytest.fail.Exception,
-    reason="config._check_ranges tests '(value or 1)', so 0 passes as if unset; DynamicConfig and posterior_as_prior "
-    "refuse it only later, after the run and the data are loaded",
-)
 def test_zero_is_out_of_range(key, value):
     with pytest.raises(SpecError, match=key):
         load_config(None, {key: value})

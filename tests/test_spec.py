@@ -462,12 +462,6 @@ ALL_FIELDS = sorted({f.name for cls in VALID for f in dataclasses.fields(cls)})
 BASE = {LoRASpec: {}, AdapterSpec: {}, PrefixSpec: {}, HeadSpec: {}, HybridSpec: {"lora": {}}}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="spec._targets calls tuple() on any value (target_modules=5 raises TypeError), and _Spec.from_dict sorts the "
-    "unknown keys (keys 1 and 'x' raise TypeError)",
-)
 @settings(max_examples=150, deadline=None, database=None, report_multiple_bugs=False)
 @given(
     cls=st.sampled_from(list(VALID)),
@@ -504,24 +498,12 @@ def _did_not_raise() -> type[BaseException]:
         pytest.param(lambda: LoRASpec(dropout=False), "dropout", id="lora_dropout_bool"),
     ],
 )
-@pytest.mark.xfail(
-    strict=True,
-    raises=_did_not_raise(),
-    reason="the specs never check their bool fields (any value is kept; 'no' and 'false' are truthy), accept NaN and "
-    "infinity for alpha, scaling and reduction_factor (NaN reaches the forward pass, or int(nan) fails at injection), "
-    "and take bools for numbers although rank and bottleneck refuse them",
-)
 def test_values_the_specs_mishandle(build, field):
     with pytest.raises(SpecError) as info:
         build()
     assert field in str(info.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="AdapterSpec checks input_modules with spec._targets(value, 'AdapterSpec'), whose message names target_modules",
-)
 def test_bad_input_modules_error_names_input_modules():
     with pytest.raises(SpecError) as info:
         AdapterSpec(placement="parallel", input_modules=["intermediate", ""])

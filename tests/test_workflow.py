@@ -300,7 +300,9 @@ def test_full_disk_during_fit_leaves_nothing(backbone, tmp_path, monkeypatch, ca
     assert code == 1
     assert err.startswith("bhpeft: error:") and len(err.strip().splitlines()) == 1 and "No space left on device" in err
     assert "Traceback" not in err
-    assert siblings(parent) == []  # no run folder, no .partial, no .tmp
+    # no run folder, no .partial, no .tmp: only the trained state, named in the message, for --resume
+    assert siblings(parent) == ["run.checkpoint.safetensors"]
+    assert f"the trained state is kept in {parent / 'run.checkpoint.safetensors'}; add --resume" in err
 
 
 def test_full_disk_keeps_the_previous_run(backbone, run, tmp_path, monkeypatch, capsys):
@@ -313,7 +315,7 @@ def test_full_disk_keeps_the_previous_run(backbone, run, tmp_path, monkeypatch, 
     assert main(fit_argv(backbone, old, "--data.train_size", "40", "--data.test_size", "20", "--no-export.plots")) == 1
     assert capsys.readouterr().err.startswith("bhpeft: error:")
     assert {p.relative_to(old): p.read_bytes() for p in old.rglob("*") if p.is_file()} == before
-    assert siblings(parent) == ["run"]
+    assert siblings(parent) == ["run", "run.checkpoint.safetensors"]
 
 
 def test_interrupt_during_fit_leaves_nothing(backbone, tmp_path, monkeypatch, capsys):
