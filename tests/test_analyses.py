@@ -23,6 +23,15 @@ def test_benchmark_performance_smoke(tmp_path):
     assert ratio > 0 and ratio == results["median_step_seconds"]["bh_peft"] / results["median_step_seconds"]["map"]
     assert len(results["step_seconds"]["bh_peft"]) == len(results["step_seconds"]["map"]) > 0
     assert results["sites"]["bh_peft"] == results["sites"]["map"] > 0
+    ratios = results["ratios"]
+    assert set(ratios) >= {"train_step_vs_peft_lora", "predict_vs_single_passes", "peak_memory_vs_map"}
+    assert all(value > 0 for key, value in ratios.items() if key != "step_memory_vs_map")
+    assert (
+        ratios["train_step_vs_peft_lora"]
+        == results["median_step_seconds"]["bh_peft"] / results["median_step_seconds"]["peft_lora"]
+    )
+    assert isinstance(results["pyro_overhead_ms_per_site"], float) and results["overhead_sites"] > 10
+    assert all(m["peak_kib"] >= m["loaded_kib"] > 0 for m in results["memory_kib"].values())
     assert {"torch", "pyro-ppl", "transformers"} <= set(results["versions"])
     assert not list(out.glob("*.tmp"))
 
