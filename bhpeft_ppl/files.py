@@ -1,7 +1,8 @@
 """Atomic file output: a crash or Ctrl-C never leaves a half-written file.
 
 Every writer goes to a temporary file in the target folder, flushes and
-fsyncs it, then renames it over the target (atomic on POSIX).
+fsyncs it, renames it over the target (atomic on POSIX), then fsyncs the
+folder so that the rename survives a power cut.
 """
 
 from __future__ import annotations
@@ -35,7 +36,21 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_directory(path.parent)  # make the rename itself durable
     return path
+
+
+def _fsync_directory(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. a platform that cannot open folders
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _umask() -> int:

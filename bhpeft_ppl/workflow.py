@@ -40,7 +40,7 @@ from .data import Collator, EncodedDataset, encode_split
 from .decisions import Decisions, Threshold, accept, bayes_decisions, choose_threshold, realised_cost
 from .distributed import is_main_process, world
 from .errors import CheckpointError, SpecError
-from .export import save_inference_data, to_inference_data
+from .export import save_inference_data, select_sites, to_inference_data
 from .files import atomic_write_json, atomic_write_text, library_versions, staged_directory
 from .guides import GuideSpec
 from .infer import FitConfig, FitResult, fit
@@ -421,6 +421,7 @@ def fit_run(config: RunConfig, command: str | None = None, resume: bool = False)
                 config.seed,
                 model_fn=model_file.model,
             )
+            select_sites(model, config.export.sites)  # a pattern matching no site fails now, not after the fit
             fitted = Fitted(model, None, tokenizer, task.label_names, model_file, config)
             train = fitted.encode(task.splits["train"])
             result: FitResult = fit(
