@@ -306,7 +306,7 @@ CASES: dict[str, tuple[Callable[[Ctx], list[str]], list[str]]] = {
     ),
     # configuration
     "config_not_found": (lambda c: c.fit("--config", str(c.tmp / "none.toml")), ["config file", "none.toml not found"]),
-    "export_sites_match_nothing": (
+    "fit_export_sites_match_nothing": (
         lambda c: c.fit("--export.sites", "layers.0."),  # caught before fitting, not after
         ["export sites ['layers.0.'] match no latent site", "site names look like"],
     ),
