@@ -78,3 +78,61 @@ def test_memory_estimate_counts_the_injected_sites(tmp_path):
     # mean-field keeps two variational parameters per weight, MAP one: twice the optimizer memory
     assert rows["mean_field"]["guide_params_grads_adam_gib"] == 2 * rows["map"]["guide_params_grads_adam_gib"]
     assert (out / "table.md").read_text().count("| minilm-l6 |") == 2
+
+
+def test_compare_methods_smoke_writes_every_cell_and_resumes(tmp_path):
+    out = tmp_path / "compare"
+    command = [sys.executable, str(ROOT / "analyses" / "compare_methods.py"), "--smoke", "--out", str(out)]
+    subprocess.run(command, check=True, capture_output=True, timeout=900)
+    results = json.loads((out / "results.json").read_text())
+    tasks = ("sst2", "ag_news", "commonsense_qa")
+    methods = (
+        "map_lora",
+        "map_adapter",
+        "map_prefix",
+        "map_hybrid",
+        "peft_lora",
+        "mc_dropout",
+        "deep_ensemble",
+        "temperature_scaling",
+        "laplace_head",
+        "blob_lora",
+        "paper_released",
+        "bhpeft_full",
+    )
+    cells = [(r["task"], r["method"], r["seed"]) for r in results["records"]]
+    assert sorted(cells) == sorted((t, m, 0) for t in tasks for m in methods)  # one record per cell, no more
+    assert results["seeds"] == [0] and "torch" in results["versions"] and results["config"]["smoke"]
+    for record in results["records"]:
+        for key in ("accuracy", "ece", "aurc", "accuracy_reject_10", "accuracy_reject_20", "accuracy_reject_50"):
+            assert 0 <= record[key] <= 1, (record["task"], record["method"], key)
+        assert record["nll"] >= 0 and 0 <= record["brier"] <= 2
+        assert record["seconds"] > 0 and record["predict_seconds"] >= 0 and record["peak_rss_mb"] > 0
+        assert ("ood_auroc" in record) == (record["task"] == "sst2")
+        if "ood_auroc" in record:
+            assert 0 <= record["ood_auroc"] <= 1
+    draws = {(r["task"], r["method"]): r["draws"] for r in results["records"]}
+    assert draws[("sst2", "map_hybrid")] == 1 and draws[("sst2", "bhpeft_full")] == 3 and draws[("sst2", "deep_ensemble")] == 3
+    table = (out / "table.md").read_text()
+    for method in methods:
+        assert table.count(f"| {method} |") == len(tasks), method
+    assert (out / "ece_vs_accuracy.png").is_file() and (out / "rejection.png").is_file()
+
+    # a rerun finds every cell done and changes nothing
+    before = (out / "results.json").read_text()
+    rerun = subprocess.run(command, check=True, capture_output=True, text=True, timeout=900)
+    assert rerun.stdout.count("done, skipped") == len(tasks) * len(methods)
+    assert "running" not in rerun.stdout
+    assert (out / "results.json").read_text() == before
+
+    # a deleted record is recomputed, and only that one
+    kept = [r for r in results["records"] if (r["task"], r["method"]) != ("ag_news", "laplace_head")]
+    (out / "results.json").write_text(json.dumps({**results, "records": kept}))
+    rerun = subprocess.run(command, check=True, capture_output=True, text=True, timeout=900)
+    assert rerun.stdout.count("done, skipped") == len(tasks) * len(methods) - 1
+    assert rerun.stdout.count(": running") == 1 and "ag_news/laplace_head/0: running" in rerun.stdout
+    again = json.loads((out / "results.json").read_text())
+    assert len(again["records"]) == len(results["records"])
+    redone = next(r for r in again["records"] if (r["task"], r["method"]) == ("ag_news", "laplace_head"))
+    old = next(r for r in results["records"] if (r["task"], r["method"]) == ("ag_news", "laplace_head"))
+    assert redone["accuracy"] == old["accuracy"] and redone["nll"] == old["nll"]  # same seeds, same fit: same numbers
