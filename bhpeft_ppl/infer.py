@@ -6,9 +6,12 @@ gradient step on the negative ELBO estimate
 .. math:: \\mathcal{L} = -\\tfrac{N}{B} \\sum_{n \\in \\text{batch}} \\mathbb{E}_q \\log p(y_n \\mid w)
    + \\beta\\, \\mathrm{KL}(q(w) \\,\\|\\, p(w)),
 
-with the KL term in closed form wherever Pyro knows it (``TraceMeanField_ELBO``)
-and by Monte Carlo elsewhere, using ``ClippedAdam`` (per-parameter gradient
-clipping) and a learning-rate schedule.  One seed fixes the initial values,
+with ``TraceMeanField_ELBO``, which uses the closed-form KL wherever guide and
+prior sites are both distributions it knows.  Pyro's autoguides sample each site
+as a ``Delta`` at the transformed draw of an auxiliary Normal, so with them the
+KL term is the one-draw Monte Carlo estimate :math:`\\log q(w) - \\log p(w)`.
+``ClippedAdam`` (per-parameter gradient clipping) and a learning-rate schedule
+take the step.  One seed fixes the initial values,
 the data order and every posterior draw.
 """
 
@@ -52,7 +55,8 @@ class FitConfig:
     :param warmup_ratio: fraction of steps spent warming up.
     :param clip_norm: per-parameter gradient-norm clip of ``ClippedAdam``.
     :param num_particles: Monte Carlo samples of the ELBO per step.
-    :param estimator: ``mean_field`` (``TraceMeanField_ELBO``, analytic KL where known) or ``trace`` (``Trace_ELBO``).
+    :param estimator: ``mean_field`` (``TraceMeanField_ELBO``: analytic KL where both sites allow it, which
+        Pyro's Delta-wrapped autoguide sites do not) or ``trace`` (``Trace_ELBO``).
     :param max_steps: stop after this many steps (``None``: all epochs).
     :param scale_lr_factor: learning rate of the guide's scale parameters (mean-field scales,
         low-rank diagonal and factor) relative to ``lr``.  Scales move by about ``lr`` in
