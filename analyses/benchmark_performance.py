@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -273,19 +272,18 @@ def memory_child(args) -> None:
 def peak_memory(args) -> dict[str, dict[str, int]]:
     """Per method, in its own child process (KiB): RSS after loading, peak RSS while training
     (resident model included, as a GPU's ``max_memory_allocated`` would count it), their
-    difference (what the steps add), and ``ru_maxrss`` of the whole process from ``os.wait4``."""
+    difference (what the steps add).  (``ru_maxrss`` from ``os.wait4`` is no use here: a forked
+    child inherits the parent's peak, which holds the models of the timing runs.)"""
     out = {}
     for method in ("bh_peft", "map", "peft_lora"):
         command = [sys.executable, __file__, "--out", args.out, "--memory-child", method, "--seed", str(args.seed)]
         command += ["--batch-size", str(args.batch_size), "--tokens", str(args.tokens)] + (["--smoke"] if args.smoke else [])
-        child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-        stdout = child.stdout.read()
-        _, status, usage = os.wait4(child.pid, 0)
-        child.returncode = os.waitstatus_to_exitcode(status)
+        child = subprocess.run(command, stdout=subprocess.PIPE, text=True)
+        stdout = child.stdout
         if child.returncode != 0:
             raise RuntimeError(f"memory child for {method} failed with exit code {child.returncode}")
         figures = json.loads(stdout.strip().splitlines()[-1])
-        out[method] = {**figures, "step_kib": figures["peak_kib"] - figures["loaded_kib"], "process_max_kib": usage.ru_maxrss}
+        out[method] = {**figures, "step_kib": figures["peak_kib"] - figures["loaded_kib"]}
     return out
 
 

@@ -31,7 +31,7 @@ def test_benchmark_performance_smoke(tmp_path):
         == results["median_step_seconds"]["bh_peft"] / results["median_step_seconds"]["peft_lora"]
     )
     assert isinstance(results["pyro_overhead_ms_per_site"], float) and results["overhead_sites"] > 10
-    assert all(m["process_max_kib"] >= m["peak_kib"] >= m["loaded_kib"] > 0 for m in results["memory_kib"].values())
+    assert all(m["peak_kib"] >= m["loaded_kib"] > 0 for m in results["memory_kib"].values())
     assert {"torch", "pyro-ppl", "transformers"} <= set(results["versions"])
     assert not list(out.glob("*.tmp"))
 
