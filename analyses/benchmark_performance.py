@@ -24,8 +24,9 @@ that machine noise hits them alike; ratios are of medians.
   :math:`w = \\mu + \\mathrm{softplus}(\\rho)\\,\\epsilon`, likelihood, closed-form
   KL, backward, ``ClippedAdam``), divided by the number of sites.
 
-``--profile`` also writes ``OUT/profile.txt``: the ``torch.profiler`` table of a
-few Bayesian steps, to see where the time goes.
+``--profile`` also writes ``OUT/profile.txt`` (the ``torch.profiler`` table of a
+few Bayesian MiniLM steps) and ``OUT/profile_sites.txt`` (``cProfile`` of the
+many-sites model's Pyro steps), to see where the time goes.
 
     python analyses/benchmark_performance.py --out runs/bench
     python analyses/benchmark_performance.py --smoke --out runs/bench-smoke
@@ -222,7 +223,25 @@ def pyro_overhead(args) -> dict:
         stepper = svi_stepper(model, args.steps + args.warmup, args.seed)
         contenders = {"pyro": lambda: stepper(batch), "by_hand": hand_written_stepper(model, batch)}
         times = alternate(contenders, args.steps, args.warmup)
+        if args.profile:
+            profile_sites(args, lambda: stepper(batch))
     return {"times": times, "sites": len(model.peft.sites)}
+
+
+def profile_sites(args, step: Callable[[], object]) -> None:
+    """``cProfile`` of a few steps of the many-sites model: which Python calls the per-site time goes to."""
+    import cProfile
+    import io
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(5):
+        step()
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
+    atomic_write_text(Path(args.out) / "profile_sites.txt", text.getvalue())
 
 
 def profile(args, stepper: SVIStep, batch) -> None:
