@@ -127,7 +127,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 from bhpeft_ppl import BayesianHybridModel, FitConfig, GuideSpec, HeadSpec, HybridSpec, inject
-from bhpeft_ppl.backbone import bundled_path, load_backbone
+from bhpeft_ppl.backbone import load_backbone, save_tiny_backbone
 from bhpeft_ppl.calibration import accuracy, as_probs, brier, ece, nll
 from bhpeft_ppl.data import Collator, EncodedDataset, encode_split, encode_texts
 from bhpeft_ppl.files import atomic_write, atomic_write_json, atomic_write_text, library_versions
@@ -831,25 +831,6 @@ def save(results: dict, out: Path) -> None:
 
 
 # Orchestration --------------------------------------------------------------------------------------
-def save_tiny_backbone(folder: Path, seed: int = 0) -> Path:
-    """A 2-layer, 32-wide random BERT (weights fixed by ``seed``) with the MiniLM tokenizer, for ``--smoke``."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    tokenizer = AutoTokenizer.from_pretrained(bundled_path("minilm"))
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-    )
-    torch.manual_seed(seed)
-    BertModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def settings_argv(args: argparse.Namespace) -> list[str]:
     """The options of :data:`SETTINGS` as command-line arguments for a child process."""
     argv = ["--smoke"] if args.smoke else []

@@ -75,3 +75,26 @@ def load_backbone(name_or_path: str = "minilm", **kwargs):
         raise BHPEFTError(f"cannot load the model {name_or_path!r}: {err}") from None
     model.eval()
     return model, tokenizer
+
+
+def save_tiny_backbone(folder: str | Path, seed: int = 0) -> Path:
+    """Write a 2-layer, 32-wide BERT with random weights (fixed by ``seed``) and the bundled
+    MiniLM tokenizer to ``folder``: a base model that loads like a real one, for smoke runs
+    and tests that must be fast (texts are tokenised as in real runs)."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    folder = Path(folder)
+    tokenizer = AutoTokenizer.from_pretrained(bundled_path("minilm"))
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    torch.manual_seed(seed)
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -11,10 +11,8 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import AutoTokenizer, BertConfig, BertModel
 
-from bhpeft_ppl.backbone import bundled_path
+from bhpeft_ppl.backbone import save_tiny_backbone
 from bhpeft_ppl.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,23 +20,6 @@ DATA = Path(os.environ.get("BHPEFT_DATA_DIR", REPO.parent / "shared" / "data"))
 SST2_DEV = DATA / "sst2" / "dev.tsv"
 
 _BUILT: dict[str, Path] = {}
-
-
-def save_tiny_backbone(folder: Path, seed: int = 0) -> Path:
-    """Write a 2-layer, 32-wide BERT (random weights fixed by ``seed``) and the MiniLM tokenizer to ``folder``."""
-    tokenizer = AutoTokenizer.from_pretrained(bundled_path("minilm"))
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-    )
-    torch.manual_seed(seed)
-    BertModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def tiny_backbone(tmp_path_factory) -> Path:
