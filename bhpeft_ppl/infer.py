@@ -427,14 +427,17 @@ def fit(
         if progress.finished:
             return FitResult(guide, history, progress.seconds, config, progress.stopped_early, num_data)
         earlier = progress.seconds
+        last_saved = saved.step if saved is not None else None  # step of the checkpoint on disk
 
         def save(**flags) -> None:
+            nonlocal last_saved
             progress.seconds = earlier + time.perf_counter() - start
             for key, value in flags.items():
                 setattr(progress, key, value)
             if rank == 0:
                 save_checkpoint(path, update, progress, settings, data_hash)
             barrier()
+            last_saved = progress.step
 
         stopped = False
         model.train()
@@ -455,10 +458,11 @@ def fit(
                         try:
                             record = update(batch, epoch)
                         except DivergenceError as err:
-                            if path is None or not path.exists():
+                            if last_saved is None:
                                 raise
-                            kept = load_checkpoint(path).step
-                            raise DivergenceError(f"{err}; the last good checkpoint (step {kept}) is kept at {path}") from None
+                            raise DivergenceError(
+                                f"{err}; the last good checkpoint (step {last_saved}) is kept at {path}"
+                            ) from None
                         for key, value in record.items():
                             history[key].append(value)
                         progress.batch += 1
