@@ -28,6 +28,13 @@ Every (scenario, method, seed) cell is saved to ``OUT/results.json`` as soon
 as it is done, and a rerun skips finished cells (delete the file to start
 over).  ``OUT/table.md`` and ``OUT/*.png`` are rewritten after each cell.
 
+Cost.  ``--jobs`` cells run at once, each in its own process with ``--threads``
+torch threads (default: 2 processes of 1 thread, which on two cores beats one
+process of two threads: most of the work is small matrix products and Python).
+The most expensive cells start first, so that the two processes finish
+together.  ``results.json`` records each invocation's wall-clock time
+(``runs``) and each cell's (``cell_seconds``).
+
     python analyses/dynamic_finetuning.py --out analyses/results/dynamic_finetuning
     python analyses/dynamic_finetuning.py --smoke --out runs/dynamic-smoke
 """
@@ -37,9 +44,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import multiprocessing
 import random
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
@@ -58,6 +67,11 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 SST2_METHODS = ("bh_dynamic", "bh_dynamic_infl100", "map_continual", "map_retrain", "bh_retrain")
 METRICS = ("accuracy", "ece", "nll", "seconds", "forgetting_accuracy")
+# Relative cost of a cell (train and evaluate), to start the longest first: retraining
+# refits on everything seen, Bayesian cells predict with several draws, drift cells
+# score 2 x --drift-eval-size long reviews after every round.
+COST = {"sst2/bh_retrain": 5, "sst2/map_retrain": 3, "sst2/bh_dynamic": 4, "sst2/map_continual": 2, "drift/bh_dynamic": 4}
+RUN_SETTINGS = ("out", "report", "jobs", "threads")  # how a run is executed, not what it computes
 
 
 # Data -----------------------------------------------------------------------------------------------
@@ -346,7 +360,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--samples", type=int, default=5, help="posterior draws at evaluation (the paper uses 5)")
     p.add_argument("--replay", type=float, default=0.2, help="fraction of earlier rounds replayed (the paper: 0.2)")
+    p.add_argument("--jobs", type=int, default=2, help="cells run at once, each in its own process")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     args = p.parse_args(argv)
+    if args.jobs < 1 or args.threads < 1:
+        p.error("--jobs and --threads must be at least 1")
     if args.smoke:
         args.seeds, args.rounds, args.dev_size, args.forget_size = [0], [8, 16], 24, 8
         args.drift_rounds, args.drift_round_size, args.drift_eval_size = 1, 8, 16
@@ -375,39 +393,93 @@ def report(out: Path) -> None:
     plot(results, out)
 
 
+def cell_cost(cell: tuple[str, str, int]) -> int:
+    scenario, method, _ = cell
+    return COST.get(f"{scenario}/{method.split('_infl')[0]}", 1)
+
+
+def run_cell(setup: Setup, cell: tuple[str, str, int]) -> tuple[tuple[str, str, int], list[dict], float]:
+    """One (scenario, method, seed) cell: its records and its wall-clock seconds."""
+    scenario, method, seed = cell
+    start = time.perf_counter()
+    records = (run_sst2 if scenario == "sst2" else run_drift)(setup, method, seed)
+    return cell, records, time.perf_counter() - start
+
+
+_worker_setup: Setup | None = None
+
+
+def _start_worker(args: argparse.Namespace) -> None:
+    global _worker_setup
+    torch.set_num_threads(args.threads)
+    _worker_setup = build_setup(args)
+
+
+def _run_in_worker(cell: tuple[str, str, int]):
+    return run_cell(_worker_setup, cell)
+
+
+def finished_cells(args: argparse.Namespace, pending: list[tuple[str, str, int]]):
+    """Run ``pending`` (``--jobs`` at a time, the costliest first) and yield each finished cell."""
+    if args.jobs == 1 or len(pending) <= 1:
+        torch.set_num_threads(args.threads)
+        setup = build_setup(args)
+        for cell in pending:
+            print(f"{'/'.join(map(str, cell))}:", flush=True)
+            yield run_cell(setup, cell)
+        return
+    context = multiprocessing.get_context("spawn")  # no forked torch thread pools
+    workers = min(args.jobs, len(pending))
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(args,)) as pool:
+        futures = [pool.submit(_run_in_worker, cell) for cell in sorted(pending, key=cell_cost, reverse=True)]
+        for future in as_completed(futures):
+            yield future.result()
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
     if args.report:
         report(out)
         return 0
-    config = {k: v for k, v in vars(args).items() if k not in ("out", "report")}
+    config = {k: v for k, v in vars(args).items() if k not in RUN_SETTINGS}
     path = out / "results.json"
-    results = {"config": config, "versions": library_versions(), "cells": {}}
+    results = {"config": config, "versions": library_versions(), "cells": {}, "cell_seconds": {}, "runs": []}
     if path.is_file():
         import json
 
         saved = json.loads(path.read_text(encoding="utf-8"))
         if saved.get("config") != config:
             raise SystemExit(f"{path} was written with another configuration; use another --out or delete it")
-        results["cells"] = saved.get("cells", {})
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    setup = build_setup(args)
-    plan = []  # seed by seed, so that one complete seed is done first
+        for key in ("cells", "cell_seconds", "runs"):
+            results[key] = saved.get(key, results[key])
+    plan = []  # seed by seed
     for s in args.seeds:
         plan += [("sst2", m, s) for m in args.methods] if "sst2" in args.scenarios else []
         plan += [("drift", m, s) for m in args.drift_methods] if "drift" in args.scenarios else []
-    for scenario, method, seed in plan:
-        key = f"{scenario}/{method}/{seed}"
+    order = [f"{scenario}/{method}/{seed}" for scenario, method, seed in plan]
+    pending = []
+    for cell in plan:
+        key = "/".join(map(str, cell))
         if key in results["cells"]:
             print(f"{key}: done, skipped")
-            continue
-        print(f"{key}:", flush=True)
-        run = run_sst2 if scenario == "sst2" else run_drift
-        results["cells"][key] = run(setup, method, seed)
+        else:
+            pending.append(cell)
+    start = time.perf_counter()
+    run = {"jobs": args.jobs, "threads": args.threads, "cells": 0, "wall_seconds": 0.0}
+    results["runs"].append(run)
+    for cell, records, seconds in finished_cells(args, pending):
+        key = "/".join(map(str, cell))
+        cells = {**results["cells"], key: records}
+        results["cells"] = {k: cells[k] for k in sorted(cells, key=lambda k: order.index(k) if k in order else len(order))}
+        results["cell_seconds"][key] = seconds
+        run["cells"] += 1
+        run["wall_seconds"] = time.perf_counter() - start
+        print(f"{key}: done in {seconds:.0f} s ({run['wall_seconds'] / 60:.1f} min since the start)", flush=True)
         save(results, out)
+    run["wall_seconds"] = time.perf_counter() - start
     save(results, out)
-    print(f"wrote {out}")
+    print(f"wrote {out} ({run['cells']} cells in {run['wall_seconds'] / 60:.1f} min)")
     return 0
 
 

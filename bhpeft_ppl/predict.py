@@ -13,7 +13,9 @@ With :math:`S` draws :math:`w^{(s)} \\sim q(w)` and
 
 The same :math:`S` weight draws are used for every example (so the draws are
 posterior functions, as ArviZ expects), and the loop runs over batches and
-draws, so memory does not grow with :math:`S`.
+draws, so memory does not grow with :math:`S`.  Batches are formed from
+examples of similar length (shortest first), so that little compute goes to
+padding; the outputs are returned in the order of the data.
 """
 
 from __future__ import annotations
@@ -86,6 +88,20 @@ def _entropy(p: torch.Tensor) -> torch.Tensor:
     return -(p * torch.log(p.clamp_min(1e-12))).sum(-1)
 
 
+def length_order(data: Dataset) -> list[int] | None:
+    """Indices of ``data`` from the shortest example to the longest (ties keep their order),
+    or ``None`` when the examples have no ``input_ids`` to measure."""
+    lengths = []
+    for i in range(len(data)):
+        item = data[i]
+        ids = item.get("input_ids") if isinstance(item, dict) else None
+        if ids is None:
+            return None
+        multiple_choice = len(ids) > 0 and isinstance(ids[0], list | tuple)
+        lengths.append(max(len(c) for c in ids) if multiple_choice else len(ids))
+    return sorted(range(len(lengths)), key=lengths.__getitem__)
+
+
 def posterior_draws(guide, num_samples: int, seed: int) -> list[dict[str, torch.Tensor]]:
     """``num_samples`` weight draws from ``guide`` (hyper-parameter sites included), seeded."""
     with local_params(), torch.no_grad():
@@ -111,6 +127,7 @@ def predict(
     collate_fn: Callable | None = None,
     progress: bool = False,
     point: bool = True,
+    sort_by_length: bool = True,
 ) -> Predictions:
     """Posterior predictive probabilities of ``data`` under ``guide``.
 
@@ -118,12 +135,15 @@ def predict(
     :param seed: fixes the draws.
     :param point: also predict at the guide's location (``point_probs``; one more forward
         pass per batch); with ``False`` ``point_probs`` is the model average.
+    :param sort_by_length: batch examples of similar length together (less padding, the
+        same results up to floating-point rounding); outputs keep the data's order.
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     draws = posterior_draws(guide, num_samples, seed)
     location = posterior_location(guide)
-    loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate_fn or Collator())
+    order = length_order(data) if sort_by_length else None
+    loader = DataLoader(data, batch_size=batch_size, sampler=order, collate_fn=collate_fn or Collator())
     model.eval()
     per_batch, per_batch_loglik, at_location, labels = [], [], [], []
     for batch in tqdm(loader, disable=not progress, desc="predict", unit="batch"):
@@ -134,11 +154,15 @@ def predict(
             per_batch_loglik.append(torch.stack([ll for _, ll in outputs]))  # [S, B]
         if point:
             at_location.append(model.predictive(batch, location)[0])  # [B, C]
-    probs = torch.cat(per_batch, dim=1)  # [S, N, C]
+    restore = slice(None)
+    if order is not None:
+        restore = torch.empty(len(order), dtype=torch.long)
+        restore[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))  # sorted position of example n
+    probs = torch.cat(per_batch, dim=1)[:, restore]  # [S, N, C]
     return Predictions(
         probs=probs,
         mean_probs=probs.mean(0),
-        point_probs=torch.cat(at_location) if point else probs.mean(0),
-        labels=torch.cat(labels) if labels else None,
-        log_likelihood=torch.cat(per_batch_loglik, dim=1) if labels else None,  # [S, N]
+        point_probs=torch.cat(at_location)[restore] if point else probs.mean(0),
+        labels=torch.cat(labels)[restore] if labels else None,
+        log_likelihood=torch.cat(per_batch_loglik, dim=1)[:, restore] if labels else None,  # [S, N]
     )

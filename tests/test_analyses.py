@@ -59,6 +59,15 @@ def test_dynamic_finetuning_smoke_writes_results_and_resumes(tmp_path):
     rerun = subprocess.run(command, check=True, capture_output=True, text=True, timeout=900)
     assert rerun.stdout.count("done, skipped") == len(results["cells"])
     assert json.loads((out / "results.json").read_text())["cells"] == json.loads(before)["cells"]
+    # cells are seeded one by one: run in one process instead of two, every figure but the timings is the same
+    assert results["runs"][0]["jobs"] == 2 and len(results["cell_seconds"]) == len(results["cells"])
+    serial = tmp_path / "serial"
+    subprocess.run([*command[:-1], str(serial), "--jobs", "1"], check=True, capture_output=True, timeout=900)
+
+    def untimed(cells):
+        return {key: [{k: v for k, v in r.items() if k != "seconds"} for r in records] for key, records in cells.items()}
+
+    assert untimed(json.loads((serial / "results.json").read_text())["cells"]) == untimed(results["cells"])
 
 
 def test_memory_estimate_counts_the_injected_sites(tmp_path):

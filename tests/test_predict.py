@@ -180,3 +180,28 @@ def test_point_false_skips_the_location_pass(fitted, data):
     without = predict(model, guide, data, S, seed=3, point=False)
     assert torch.equal(with_point.probs, without.probs)
     assert torch.equal(without.point_probs, without.mean_probs)
+
+
+def test_length_sorted_batches_give_the_data_order_and_the_same_predictions(fitted, data):
+    _, model, guide = fitted
+    sorted_batches = predict(model, guide, data, S, batch_size=4, seed=5)
+    in_order = predict(model, guide, data, S, batch_size=4, seed=5, sort_by_length=False)
+    assert torch.allclose(sorted_batches.probs, in_order.probs, atol=1e-5)
+    assert torch.allclose(sorted_batches.point_probs, in_order.point_probs, atol=1e-5)
+    assert torch.allclose(sorted_batches.log_likelihood, in_order.log_likelihood, atol=1e-5)
+    assert torch.equal(sorted_batches.labels, torch.tensor(data.labels))
+    one_at_a_time = [predict(model, guide, EncodedDataset([data.encodings[i]], [data.labels[i]]), S, seed=5) for i in (0, 7, 20)]
+    for i, single in zip((0, 7, 20), one_at_a_time, strict=True):
+        assert torch.allclose(sorted_batches.probs[:, i], single.probs[:, 0], atol=1e-5)
+
+
+def test_length_order_sorts_plain_and_multiple_choice_examples():
+    from bhpeft_ppl.predict import length_order
+
+    plain = EncodedDataset([{"input_ids": [1] * n, "attention_mask": [1] * n} for n in (5, 2, 9, 2)])
+    assert length_order(plain) == [1, 3, 0, 2]  # ties keep their order
+    choices = EncodedDataset(
+        [{"input_ids": [[1] * a, [1] * b], "attention_mask": [[1] * a, [1] * b]} for a, b in ((3, 8), (4, 4), (1, 2))]
+    )
+    assert length_order(choices) == [2, 1, 0]  # by the longest choice
+    assert length_order([{"x": 1}]) is None
