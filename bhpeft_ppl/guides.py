@@ -3,11 +3,16 @@
 ===============  ==============================================  ===============================
 family           guide                                           meaning
 ===============  ==============================================  ===============================
-``mean_field``   ``AutoNormal``                                  :math:`q(w) = \\prod_i \\mathcal{N}(w_i; \\mu_i, \\sigma_i^2)`
+``mean_field``   :class:`MeanFieldNormal` (an ``AutoNormal``)     :math:`q(w) = \\prod_i \\mathcal{N}(w_i; \\mu_i, \\sigma_i^2)`
 ``low_rank``     ``AutoLowRankMultivariateNormal``               :math:`\\mathcal{N}(\\mu, FF^\\top + D)` jointly over its sites
 ``map``          ``AutoDelta``                                   :math:`\\delta(w - \\hat w)`: MAP under the prior
 ``point``        none: the model uses ``pyro.param``             maximum likelihood, no prior
 ===============  ==============================================  ===============================
+
+:class:`MeanFieldNormal` samples a real-valued site as the Normal itself (Pyro's
+``AutoNormal`` samples an auxiliary Normal and a ``Delta`` at its value), so that
+the ELBO can take the KL of such a site from its Normal prior in closed form
+(:mod:`~bhpeft_ppl.elbo`); its parameters are ``AutoNormal``'s, under the same names.
 
 Locations start at :meth:`WeightSite.initial_value` (LoRA B and adapter
 up-projections at zero, so the untrained model equals the base model) and
@@ -18,13 +23,18 @@ scales at ``init_scale``.  Hyper-parameter sites of a prior (horseshoe
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
 import pyro
+import pyro.distributions as dist
 from pyro import poutine
+from pyro.distributions import constraints
+from pyro.distributions.util import sum_rightmost
 from pyro.infer.autoguide import AutoDelta, AutoGuideList, AutoLowRankMultivariateNormal, AutoNormal
 from pyro.infer.autoguide.initialization import init_to_median
+from torch.distributions import biject_to, transform_to
 
 from .errors import SpecError
 from .naming import resolve
@@ -128,6 +138,77 @@ class GuideSpec:
         return cls(default="point", patterns={"adapter_down": "mean_field", "adapter_down_bias": "mean_field"})
 
 
+def is_real(support) -> bool:
+    """Whether ``support`` is the real line (or a product of real lines)."""
+    while isinstance(support, constraints.independent):
+        support = support.base_constraint
+    return support is constraints.real
+
+
+class MeanFieldNormal(AutoNormal):
+    """``AutoNormal`` that samples each real-valued site as its Normal,
+    :math:`w \\sim \\mathcal{N}(\\mu, \\sigma^2)`, instead of a ``Delta`` at the draw of an
+    auxiliary Normal (sites with a constrained support, e.g. a horseshoe scale, keep
+    ``AutoNormal``'s auxiliary form).  The draws, parameters and their names are
+    ``AutoNormal``'s; what changes is that the guide site's distribution is the
+    Normal, so its KL from a Normal prior has a closed form, and one sample statement
+    per site is saved.
+    """
+
+    def _setup_prototype(self, *args, **kwargs):
+        super()._setup_prototype(*args, **kwargs)
+        self._direct = {name: is_real(site["fn"].support) for name, site in self.prototype_trace.iter_stochastic_nodes()}
+        self._readers: dict[str, tuple] = {}
+
+    def _get_loc_and_scale(self, name):
+        """The site's location and scale.
+
+        Under :func:`local_params` they are read straight from the parameters (their
+        modules and constraint transforms looked up once per site), without the
+        ``pyro.param`` statement and the module-tree walk of a ``PyroModule`` attribute
+        access; nothing in this library reads guide parameters from a trace.
+        """
+        if not pyro.settings.get("module_local_params"):
+            return super()._get_loc_and_scale(name)
+        entry = self._readers.get(name)
+        if entry is None or entry[0] is not self.locs:
+            *path, leaf = name.split(".")
+            readers = []
+            for owner in (self.locs, self.scales):
+                for part in path:
+                    owner = getattr(owner, part)
+                constraint, _ = owner._pyro_params[leaf]
+                readers.append((owner._parameters, transform_to(constraint)))
+            entry = self._readers[name] = (self.locs, readers, f"{leaf}_unconstrained")
+        _, ((locs, to_loc), (scales, to_scale)), key = entry
+        return to_loc(locs[key]), to_scale(scales[key])
+
+    def forward(self, *args, **kwargs):
+        """Draw every site; returns ``{site name: value}``."""
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+        plates = self._create_plates(*args, **kwargs)
+        result = {}
+        for name, site in self.prototype_trace.iter_stochastic_nodes():
+            with ExitStack() as stack:
+                for frame in site["cond_indep_stack"]:
+                    if frame.vectorized:
+                        stack.enter_context(plates[frame.name])
+                loc, scale = self._get_loc_and_scale(name)
+                normal = dist.Normal(loc, scale, validate_args=False).to_event(self._event_dims[name])  # scale > 0
+                if self._direct[name]:
+                    result[name] = pyro.sample(name, normal)
+                    continue
+                # a constrained site: w = T(z), z ~ N(loc, scale), with log|det dT^-1/dw| as the Delta's density
+                transform = biject_to(site["fn"].support)
+                z = pyro.sample(f"{name}_unconstrained", normal, infer={"is_auxiliary": True})
+                value = transform(z)
+                log_density = transform.inv.log_abs_det_jacobian(value, z)
+                log_density = sum_rightmost(log_density, log_density.dim() - value.dim() + site["fn"].event_dim)
+                result[name] = pyro.sample(name, dist.Delta(value, log_density=log_density, event_dim=site["fn"].event_dim))
+        return result
+
+
 def build_guide(
     prior_model: Callable,
     latent_sites: Mapping[str, str],
@@ -154,7 +235,7 @@ def build_guide(
             continue
         blocked = poutine.block(prior_model, expose=names)
         if family == "mean_field":
-            guide.append(AutoNormal(blocked, init_loc_fn=init, init_scale=spec.init_scale))
+            guide.append(MeanFieldNormal(blocked, init_loc_fn=init, init_scale=spec.init_scale))
         elif family == "low_rank":
             guide.append(AutoLowRankMultivariateNormal(blocked, init_loc_fn=init, init_scale=spec.init_scale, rank=spec.rank))
         else:

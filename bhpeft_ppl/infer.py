@@ -6,10 +6,11 @@ gradient step on the negative ELBO estimate
 .. math:: \\mathcal{L} = -\\tfrac{N}{B} \\sum_{n \\in \\text{batch}} \\mathbb{E}_q \\log p(y_n \\mid w)
    + \\beta\\, \\mathrm{KL}(q(w) \\,\\|\\, p(w)),
 
-with ``TraceMeanField_ELBO``, which uses the closed-form KL wherever guide and
-prior sites are both distributions it knows.  Pyro's autoguides sample each site
-as a ``Delta`` at the transformed draw of an auxiliary Normal, so with them the
-KL term is the one-draw Monte Carlo estimate :math:`\\log q(w) - \\log p(w)`.
+with :class:`~bhpeft_ppl.elbo.MeanFieldELBO`: the KL of every site whose guide and
+prior are both Normal (the mean-field guide's weights under Normal priors, or
+under a previous round's mean-field posterior) in closed form, in one vectorised
+sum, and the one-draw Monte Carlo estimate :math:`\\log q(w) - \\log p(w)` of the
+others (``estimator="trace"``: Pyro's ``Trace_ELBO``, Monte Carlo everywhere).
 ``ClippedAdam`` (per-parameter gradient clipping) and a learning-rate schedule
 take the step.  One seed fixes the initial values,
 the data order and every posterior draw.
@@ -28,7 +29,7 @@ from typing import Any
 
 import pyro
 import torch
-from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer import Trace_ELBO
 from pyro.optim.clipped_adam import ClippedAdam
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
@@ -36,6 +37,7 @@ from tqdm.auto import tqdm
 from .checkpoint import Progress, check_compatible, data_fingerprint, load_checkpoint, restore_checkpoint, save_checkpoint
 from .data import Collator
 from .distributed import ShardSampler, any_rank, average_gradients, barrier, broadcast_parameters, world
+from .elbo import MeanFieldELBO
 from .errors import CheckpointError, DivergenceError, FitInterrupted, SpecError
 from .guides import local_params
 from .model import BayesianHybridModel
@@ -55,8 +57,8 @@ class FitConfig:
     :param warmup_ratio: fraction of steps spent warming up.
     :param clip_norm: per-parameter gradient-norm clip of ``ClippedAdam``.
     :param num_particles: Monte Carlo samples of the ELBO per step.
-    :param estimator: ``mean_field`` (``TraceMeanField_ELBO``: analytic KL where both sites allow it, which
-        Pyro's Delta-wrapped autoguide sites do not) or ``trace`` (``Trace_ELBO``).
+    :param estimator: ``mean_field`` (:class:`~bhpeft_ppl.elbo.MeanFieldELBO`: closed-form KL of the
+        Normal sites, as ``TraceMeanField_ELBO``) or ``trace`` (``Trace_ELBO``: Monte Carlo KL).
     :param max_steps: stop after this many steps (``None``: all epochs).
     :param scale_lr_factor: learning rate of the guide's scale parameters (mean-field scales,
         low-rank diagonal and factor) relative to ``lr``.  Scales move by about ``lr`` in
@@ -167,8 +169,11 @@ class EarlyStopping:
         return self.bad >= self.patience
 
 
-class _Recording:
-    """Mixin that keeps the log-likelihood of each particle for the history."""
+class RecordingTraceELBO(Trace_ELBO):
+    """``Trace_ELBO`` that records ``(log-likelihood, loss)`` of each particle, as
+    :class:`~bhpeft_ppl.elbo.MeanFieldELBO` does."""
+
+    records: list
 
     def _differentiable_loss_particle(self, model_trace, guide_trace):
         loss, surrogate = super()._differentiable_loss_particle(model_trace, guide_trace)
@@ -179,18 +184,6 @@ class _Recording:
         )
         self.records.append((loglik, float(loss)))
         return loss, surrogate
-
-
-class RecordingTraceMeanFieldELBO(_Recording, TraceMeanField_ELBO):
-    """``TraceMeanField_ELBO`` that records the log-likelihood part of each particle."""
-
-    records: list
-
-
-class RecordingTraceELBO(_Recording, Trace_ELBO):
-    """``Trace_ELBO`` that records the log-likelihood part of each particle."""
-
-    records: list
 
 
 def _lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
@@ -266,8 +259,10 @@ class SVIStep:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, _lr_lambda(config.schedule, int(config.warmup_ratio * total_steps), total_steps)
         )
-        estimator = RecordingTraceMeanFieldELBO if config.estimator == "mean_field" else RecordingTraceELBO
-        self.elbo = estimator(num_particles=config.num_particles, vectorize_particles=False)
+        if config.estimator == "mean_field":
+            self.elbo = MeanFieldELBO(num_particles=config.num_particles)
+        else:
+            self.elbo = RecordingTraceELBO(num_particles=config.num_particles, vectorize_particles=False)
         self.guide = model.scaled_guide(guide)
         self.step = 0
 

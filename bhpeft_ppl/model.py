@@ -38,7 +38,7 @@ from torch import nn
 from .errors import SpecError
 from .guides import GuideSpec, build_guide, local_params
 from .inject import HybridPEFT
-from .priors import Priors, as_priors
+from .priors import Prior, Priors, as_priors
 
 OBS_SITE = "obs"
 PLATE = "data"
@@ -110,12 +110,15 @@ class BayesianHybridModel(nn.Module):
                 if family == "point"
             }
         )
+        # priors are resolved once per model (a prior function must be deterministic)
+        self.site_priors = OrderedDict((name, self.priors.for_site(site)) for name, site in peft.sites.items())
+        self._fixed_priors: dict[str, dist.Distribution | None] = {}
         self.latent_sites = OrderedDict()  # site (hyper-sites included) -> family
         for name, site in peft.sites.items():
             family = self.families[name]
             if family == "point":
                 continue
-            for hyper in self.priors.for_site(site).hyper_sites(site):
+            for hyper in self.site_priors[name].hyper_sites(site):
                 self.latent_sites[hyper] = family
             self.latent_sites[name] = family
 
@@ -135,8 +138,19 @@ class BayesianHybridModel(nn.Module):
                 if self.families[name] == "point":
                     weights[name] = pyro.param(name, self.initial_values[name])
                 else:
-                    weights[name] = self.priors.for_site(site).sample(site)
+                    fixed = self._fixed_prior(name, site)
+                    weights[name] = self.site_priors[name].sample(site) if fixed is None else pyro.sample(name, fixed)
         return weights
+
+    def _fixed_prior(self, name: str, site) -> dist.Distribution | None:
+        """The prior distribution of ``site``, built once, when its prior samples it from
+        :meth:`~bhpeft_ppl.priors.Prior.distribution` with no hyper-parameter sites (a fixed
+        distribution); ``None`` otherwise (it is sampled by the prior, every call)."""
+        if name not in self._fixed_priors:
+            prior = self.site_priors[name]
+            plain = type(prior).sample is Prior.sample and not prior.hyper_sites(site)
+            self._fixed_priors[name] = prior.distribution(site) if plain else None
+        return self._fixed_priors[name]
 
     def forward(self, batch: Mapping[str, torch.Tensor], num_data: int | None = None) -> torch.Tensor:
         """Run the Pyro model on ``batch`` (the plate scaled to ``num_data``, default the batch size)."""

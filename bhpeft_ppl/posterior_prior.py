@@ -74,10 +74,14 @@ class NormalPart:
     support: str = "real"
 
     def distribution(self) -> dist.Distribution:
-        base = dist.Normal(self.loc, self.scale).to_event(self.loc.dim())
-        if self.support == "real":
-            return base
-        return dist.TransformedDistribution(base, [torch.distributions.transforms.ExpTransform()])
+        """The distribution (built on first use; ``loc`` and ``scale`` are fixed)."""
+        built = self.__dict__.get("_built")
+        if built is None:
+            built = dist.Normal(self.loc, self.scale).to_event(self.loc.dim())
+            if self.support != "real":
+                built = dist.TransformedDistribution(built, [torch.distributions.transforms.ExpTransform()])
+            self.__dict__["_built"] = built
+        return built
 
 
 @dataclass(eq=False)

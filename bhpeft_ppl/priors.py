@@ -65,7 +65,10 @@ class Prior:
     family: ClassVar[str]
 
     def distribution(self, site: WeightSite) -> dist.Distribution:
-        """The (conditional) distribution of the whole weight, event shape = ``site.shape``."""
+        """The (conditional) distribution of the whole weight, event shape = ``site.shape``.
+
+        A function of the prior and the site only: a model builds it once per site when
+        :meth:`sample` is this class's and there are no hyper-parameter sites."""
         raise NotImplementedError
 
     def sample(self, site: WeightSite) -> torch.Tensor:
