@@ -90,7 +90,9 @@ class TrainSection:
     warmup_ratio: float = _opt(0.06, "fraction of steps spent warming up")
     clip_norm: float = _opt(10.0, "per-parameter gradient-norm clip")
     num_particles: int = _opt(1, "Monte Carlo samples of the ELBO per step")
-    estimator: str = _opt("mean_field", "ELBO estimator: closed-form KL of Normal sites (MeanFieldELBO) or Monte Carlo (Trace_ELBO)", ("mean_field", "trace"))
+    estimator: str = _opt(
+        "mean_field", "ELBO: closed-form KL of Normal sites (MeanFieldELBO) or Monte Carlo (Trace_ELBO)", ("mean_field", "trace")
+    )
     max_steps: int | None = _opt(None, "stop after this many steps")
     scale_lr_factor: float = _opt(1.0, "learning rate of the guide's scale parameters relative to lr")
     checkpoint_every: int = _opt(100, "steps between training checkpoints (0: only at the end and on Ctrl-C)")
