@@ -45,8 +45,10 @@ import argparse
 import dataclasses
 import math
 import multiprocessing
+import os
 import random
 import statistics
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -413,6 +415,14 @@ def _start_worker(args: argparse.Namespace) -> None:
     global _worker_setup
     torch.set_num_threads(args.threads)
     _worker_setup = build_setup(args)
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """End this worker when the run that started it is gone (killed), instead of finishing its cell."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
 
 
 def _run_in_worker(cell: tuple[str, str, int]):

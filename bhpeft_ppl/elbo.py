@@ -37,6 +37,7 @@ from collections.abc import Callable
 import torch
 from pyro import poutine
 from pyro.distributions import Delta
+from pyro.distributions.util import scale_and_mask
 from pyro.poutine.util import prune_subsample_sites
 from torch.distributions import Independent, Normal, kl_divergence
 
@@ -51,10 +52,9 @@ def _normal(fn) -> Normal | None:
 
 
 def _scaled(value: torch.Tensor, site: dict) -> torch.Tensor:
-    """``value`` (a log-density per batch element) masked and scaled as Pyro scales ``site``, summed."""
-    if site["mask"] is not None:
-        value = value * site["mask"]
-    return (value * site["scale"]).sum()
+    """``value`` (a log-density per batch element) masked and scaled as Pyro scales ``site``, summed
+    (a masked-out ``-inf`` gives 0, not NaN)."""
+    return scale_and_mask(value, site["scale"], site["mask"]).sum()
 
 
 def _is_number(scale) -> bool:
@@ -121,8 +121,11 @@ class MeanFieldELBO:
             log_q = guide_site["fn"].log_prob(guide_site["value"])  # a Delta's includes its log-Jacobian
             kl = kl + _scaled(log_q, guide_site) - _scaled(site["fn"].log_prob(site["value"]), site)
         for name, guide_site in guide_trace.nodes.items():
-            if guide_site["type"] == "sample" and guide_site["infer"].get("is_auxiliary") and name not in model_trace.nodes:
-                kl = kl + _scaled(guide_site["fn"].log_prob(guide_site["value"]), guide_site)
+            if guide_site["type"] != "sample" or name in model_trace.nodes:
+                continue
+            if not guide_site["infer"].get("is_auxiliary"):
+                raise SpecError(f"the guide samples {name!r}, which the model does not; was the guide built for another model?")
+            kl = kl + _scaled(guide_site["fn"].log_prob(guide_site["value"]), guide_site)
         for scale, group in pairs.items():
             flat = [
                 torch.cat([getattr(d, key).expand(d.batch_shape).reshape(-1) for d in ds])

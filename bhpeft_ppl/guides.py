@@ -158,17 +158,20 @@ class MeanFieldNormal(AutoNormal):
     def _setup_prototype(self, *args, **kwargs):
         super()._setup_prototype(*args, **kwargs)
         self._direct = {name: is_real(site["fn"].support) for name, site in self.prototype_trace.iter_stochastic_nodes()}
+        # a site in a plate needs pyro.param's effect (a subsampled plate indexes its parameters)
+        self._global = {name: not site["cond_indep_stack"] for name, site in self.prototype_trace.iter_stochastic_nodes()}
         self._readers: dict[str, tuple] = {}
 
     def _get_loc_and_scale(self, name):
         """The site's location and scale.
 
-        Under :func:`local_params` they are read straight from the parameters (their
-        modules and constraint transforms looked up once per site), without the
-        ``pyro.param`` statement and the module-tree walk of a ``PyroModule`` attribute
-        access; nothing in this library reads guide parameters from a trace.
+        Under :func:`local_params`, for a site outside any plate (every weight site),
+        they are read straight from the parameters (their modules and constraint
+        transforms looked up once per site), without the ``pyro.param`` statement and
+        the module-tree walk of a ``PyroModule`` attribute access; nothing in this
+        library reads guide parameters from a trace.
         """
-        if not pyro.settings.get("module_local_params"):
+        if not pyro.settings.get("module_local_params") or not self._global[name]:
             return super()._get_loc_and_scale(name)
         entry = self._readers.get(name)
         if entry is None or entry[0] is not self.locs:

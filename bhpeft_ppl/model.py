@@ -149,7 +149,8 @@ class BayesianHybridModel(nn.Module):
         if name not in self._fixed_priors:
             prior = self.site_priors[name]
             plain = type(prior).sample is Prior.sample and not prior.hyper_sites(site)
-            self._fixed_priors[name] = prior.distribution(site) if plain else None
+            with torch.inference_mode(False):  # the cache outlives this call, which may be in predict's inference mode
+                self._fixed_priors[name] = prior.distribution(site) if plain else None
         return self._fixed_priors[name]
 
     def forward(self, batch: Mapping[str, torch.Tensor], num_data: int | None = None) -> torch.Tensor:

@@ -181,3 +181,61 @@ def test_mean_field_guide_draws_what_autonormal_draws(peft):
         fast = part._get_loc_and_scale(next(iter(model.peft.sites)))
     slow = AutoNormal._get_loc_and_scale(part, next(iter(model.peft.sites)))
     assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1])
+
+
+# Regressions ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("estimator", ["mean_field", "trace"])
+def test_a_model_first_run_in_predict_still_trains(peft, estimator):
+    """The prior cache is built outside inference mode even when predict builds it."""
+    from bhpeft_ppl.infer import FitConfig, fit
+    from bhpeft_ppl.predict import predict
+    from bhpeft_ppl.priors import StudentT
+
+    priors = Priors(components={"adapter": Laplace(), "head": StudentT()})
+    guide = BayesianHybridModel(peft, priors=priors).make_guide()
+    rebuilt = BayesianHybridModel(peft, priors=priors)
+    data = separable_dataset(8)
+    predict(rebuilt, guide, data, 2, batch_size=8)  # the rebuilt model's first sample_weights: in inference mode
+    result = fit(rebuilt, data, FitConfig(max_steps=2, batch_size=8, progress=False, estimator=estimator), guide=guide)
+    assert all(torch.isfinite(torch.tensor(result.history["loss"])))
+
+
+def test_masked_out_minus_infinity_counts_zero_as_in_pyro():
+    y, keep = torch.tensor([0, 1, 1]), torch.tensor([True, True, False])
+    logits = torch.tensor([[0.7, 0.3], [0.4, 0.6], [0.0, -float("inf")]])  # the masked row: log p(1) = -inf
+
+    def model():
+        pyro.sample("w", pyro.distributions.Normal(0.0, 1.0))
+        with pyro.plate("data", 3), poutine.mask(mask=keep):
+            pyro.sample("obs", pyro.distributions.Categorical(logits=logits), obs=y)
+
+    with local_params():
+        guide = MeanFieldNormal(model)
+        guide()
+        losses = []
+        for elbo in (MeanFieldELBO(), TraceMeanField_ELBO()):
+            pyro.set_rng_seed(0)
+            losses.append(float(elbo.differentiable_loss(model, guide)))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+
+def test_mean_field_guide_subsamples_the_parameters_of_a_site_in_a_plate():
+    index = torch.tensor([1, 4, 7])
+
+    def model():
+        with pyro.plate("data", 10, subsample=index):
+            pyro.sample("z", pyro.distributions.Normal(0.0, 1.0))
+
+    with local_params():
+        guide = MeanFieldNormal(model)
+        guide()
+        assert guide()["z"].shape == (3,)
+
+
+def test_a_guide_site_the_model_lacks_is_an_error(peft):
+    from bhpeft_ppl.errors import SpecError
+
+    horseshoe = BayesianHybridModel(peft, priors=Priors(patterns={"lora_A": Horseshoe()}))
+    plain = BayesianHybridModel(peft)
+    with local_params(), pytest.raises(SpecError, match="does not"):
+        MeanFieldELBO().particle(plain.sample_weights, horseshoe.make_guide())
