@@ -77,9 +77,10 @@ class NormalPart:
         """The distribution (built on first use; ``loc`` and ``scale`` are fixed)."""
         built = self.__dict__.get("_built")
         if built is None:
-            built = dist.Normal(self.loc, self.scale).to_event(self.loc.dim())
-            if self.support != "real":
-                built = dist.TransformedDistribution(built, [torch.distributions.transforms.ExpTransform()])
+            with torch.inference_mode(False):  # the cache outlives this call, which may be in predict's inference mode
+                built = dist.Normal(self.loc, self.scale).to_event(self.loc.dim())
+                if self.support != "real":
+                    built = dist.TransformedDistribution(built, [torch.distributions.transforms.ExpTransform()])
             self.__dict__["_built"] = built
         return built
 
@@ -297,6 +298,6 @@ def posterior_as_prior(model, guide, *, inflation: float = 1.0, map_scale: float
     for name, site in model.peft.sites.items():
         if model.families[name] == "point":
             continue
-        hypers = model.priors.for_site(site).hyper_sites(site)
+        hypers = model.site_priors[name].hyper_sites(site)
         sites[name] = PosteriorPrior({n: parts[n] for n in [*hypers, name]})
     return Priors(model.priors.components, model.priors.patterns, model.priors.function, sites)
