@@ -171,23 +171,26 @@ def mixed_prefix_attention(
     length = prefix_key.shape[2]
     groups = query.shape[1] // key.shape[1]
     keys = repeat_kv(torch.cat([prefix_key, key], dim=2), groups)  # [B, H, P + kv, d]
-    values = repeat_kv(torch.cat([prefix_value, value], dim=2), groups)  # [B, H, P + kv, d]
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-    scores = torch.matmul(query, keys.transpose(-1, -2)) * scale  # [B, H, q, P + kv]
+    scores = torch.matmul(query * scale, keys.transpose(-1, -2))  # [B, H, q, P + kv]
     if mask is not None and mask.dtype == torch.bool:
         scores = scores.masked_fill(~mask, float("-inf"))
     elif mask is not None:
         scores = scores + mask
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32)  # [B, H, q, P + kv]
-    base_mass = probs[..., length:].sum(-1, keepdim=True)  # [B, H, q, 1], 1 - lambda
+    prefix_probs, base_probs = probs.split([length, probs.shape[-1] - length], dim=-1)  # [B, H, q, P], [B, H, q, kv]
+    base_mass = base_probs.sum(-1, keepdim=True)  # [B, H, q, 1], 1 - lambda
     if bool(((base_mass < _MIN_BASE_MASS) & _open_rows(mask, length)).any()):
         return None
-    probs = F.dropout(probs, p=dropout, training=training)
-    prefix_probs = probs[..., :length].to(value.dtype)  # [B, H, q, P]
-    base_probs = (probs[..., length:] / base_mass.clamp_min(_MIN_BASE_MASS)).to(value.dtype)  # [B, H, q, kv]
+    # dropout entry by entry, as on the whole softmax
+    prefix_probs = F.dropout(prefix_probs, p=dropout, training=training)
+    base_probs = F.dropout(base_probs, p=dropout, training=training)
+    norm = base_mass.clamp_min(_MIN_BASE_MASS)  # [B, H, q, 1]
+    if value.dtype == torch.float16:  # too narrow for small unnormalised probabilities: normalise them first
+        base_probs, norm = base_probs / norm, torch.ones_like(norm)
+    prefix_out = torch.matmul(prefix_probs.to(value.dtype), repeat_kv(prefix_value, groups))  # [B, H, q, d], lambda * o_pre
+    base_out = torch.matmul(base_probs.to(value.dtype), repeat_kv(value, groups)) / norm  # [B, H, q, d], o_base
     g = gate.to(torch.float32)[:, None, None]  # [H, 1, 1]
-    prefix_out = torch.matmul(prefix_probs, values[..., :length, :])  # [B, H, q, d], lambda * o_pre
-    base_out = torch.matmul(base_probs, values[..., length:, :])  # [B, H, q, d], o_base
     out = g * prefix_out + (1 - g + g * base_mass) * base_out  # [B, H, q, d]
     return out.to(query.dtype).transpose(1, 2).contiguous()  # [B, q, H, d]
 
