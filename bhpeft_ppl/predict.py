@@ -21,6 +21,7 @@ padding; the outputs are returned in the order of the data.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import pyro
@@ -31,6 +32,7 @@ from tqdm.auto import tqdm
 from .data import Collator
 from .guides import local_params
 from .model import BayesianHybridModel
+from .sharing import shared_across_draws
 
 
 @dataclass
@@ -127,6 +129,7 @@ def predict(
     progress: bool = False,
     point: bool = True,
     sort_by_length: bool = True,
+    share_invariant: bool = True,
 ) -> Predictions:
     """Posterior predictive probabilities of ``data`` under ``guide``.
 
@@ -136,12 +139,17 @@ def predict(
         pass per batch); with ``False`` ``point_probs`` is the model average.
     :param sort_by_length: batch examples of similar length together (less padding, the
         same results up to floating-point rounding); outputs keep the data's order.
+    :param share_invariant: compute the base-model modules that no PEFT weight reaches
+        (the embeddings, ...) once per batch for all draws (:mod:`~bhpeft_ppl.sharing`;
+        the same results); ``False`` runs every draw from scratch.
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     order = length_order(data) if sort_by_length else None
     loader = DataLoader(data, batch_size=batch_size, sampler=order, collate_fn=collate_fn or Collator())
-    per_batch, per_batch_loglik, at_location, labels = _forward_passes(model, guide, loader, num_samples, seed, point, progress)
+    per_batch, per_batch_loglik, at_location, labels = _forward_passes(
+        model, guide, loader, num_samples, seed, point, progress, share_invariant
+    )
     # outside inference mode, torch.cat gives ordinary tensors (usable later under autograd)
     restore = slice(None)
     if order is not None:
@@ -159,7 +167,14 @@ def predict(
 
 @torch.inference_mode()
 def _forward_passes(
-    model: BayesianHybridModel, guide, loader: DataLoader, num_samples: int, seed: int, point: bool, progress: bool
+    model: BayesianHybridModel,
+    guide,
+    loader: DataLoader,
+    num_samples: int,
+    seed: int,
+    point: bool,
+    progress: bool,
+    share_invariant: bool,
 ):
     """Per batch: probabilities ``[S, B, C]``, log-likelihoods ``[S, B]`` and labels, and the
     probabilities at the guide's location ``[B, C]`` when ``point``."""
@@ -168,11 +183,12 @@ def _forward_passes(
     model.eval()
     per_batch, per_batch_loglik, at_location, labels = [], [], [], []
     for batch in tqdm(loader, disable=not progress, desc="predict", unit="batch"):
-        outputs = [model.predictive(batch, w) for w in draws]
+        with shared_across_draws(model.peft.base) if share_invariant else nullcontext():
+            outputs = [model.predictive(batch, w) for w in draws]
+            if point:
+                at_location.append(model.predictive(batch, location)[0])  # [B, C]
         per_batch.append(torch.stack([p for p, _ in outputs]))  # [S, B, C]
         if "labels" in batch:
             labels.append(batch["labels"])
             per_batch_loglik.append(torch.stack([ll for _, ll in outputs]))  # [S, B]
-        if point:
-            at_location.append(model.predictive(batch, location)[0])  # [B, C]
     return per_batch, per_batch_loglik, at_location, labels
