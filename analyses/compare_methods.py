@@ -40,6 +40,9 @@ references are ``map_hybrid`` (nothing Bayesian) and ``bhpeft_full`` (everything
 ``prior_x10``
 ``kl_weight_0.1``,       ``bhpeft_full`` with the KL term weighted by 0.1 or 0.01 (a tempered
 ``kl_weight_0.01``       posterior; 1 is the proper ELBO)
+``prior_x10_lr_0.002``,  those two ablations with the learning rate 0.002 instead of ``--lr``:
+``kl_weight_0.01_lr_``   whether their collapse at the default 0.01 comes from the optimiser
+``0.002``                (a weak prior pull lets Adam's noise-driven steps move the weights)
 ``bhpeft_draws``         the ``bhpeft_full`` fit predicted with 30 draws; its record also holds the
                          metrics of the first 1, 5 and 10 of them (``draws_1`` ... ``draws_30``)
 =======================  ======================================================================
@@ -149,7 +152,7 @@ from bhpeft_ppl import BayesianHybridModel, FitConfig, GuideSpec, HeadSpec, Hybr
 from bhpeft_ppl.backbone import load_backbone, save_tiny_backbone
 from bhpeft_ppl.calibration import accuracy, as_probs, brier, ece, nll
 from bhpeft_ppl.data import Collator, EncodedDataset, encode_split, encode_texts
-from bhpeft_ppl.files import atomic_write, atomic_write_json, atomic_write_text, library_versions
+from bhpeft_ppl.files import atomic_write, atomic_write_json, atomic_write_text, library_versions, source_commit
 from bhpeft_ppl.infer import fit
 from bhpeft_ppl.loaders import TaskData, load_task, read_split
 from bhpeft_ppl.predict import posterior_location, predict
@@ -183,6 +186,8 @@ ABLATIONS = (
     "prior_x10",
     "kl_weight_0.1",
     "kl_weight_0.01",
+    "prior_x10_lr_0.002",
+    "kl_weight_0.01_lr_0.002",
     "bhpeft_draws",
 )
 ALL_METHODS = METHODS + ABLATIONS
@@ -460,6 +465,15 @@ def run_kl_weight(cell: Cell) -> Outcome:
     beta = float(cell.method.removeprefix("kl_weight_"))
     outcome = run_svi(cell, HybridSpec.bh_peft(cell.splits.head), GuideSpec(), cell.args.samples, kl_weight=beta)
     outcome.extra["kl_weight"] = beta
+    return outcome
+
+
+def run_other_lr(cell: Cell) -> Outcome:
+    """``<ablation>_lr_<r>``: that ablation trained with the learning rate ``r`` instead of ``--lr``."""
+    method, lr = cell.method.rsplit("_lr_", 1)
+    args = argparse.Namespace(**{**vars(cell.args), "lr": float(lr)})
+    outcome = RUNNERS[method](dataclasses.replace(cell, method=method, args=args))
+    outcome.extra["lr"] = float(lr)
     return outcome
 
 
@@ -763,6 +777,8 @@ RUNNERS = {
     "prior_x10": run_prior_scale,
     "kl_weight_0.1": run_kl_weight,
     "kl_weight_0.01": run_kl_weight,
+    "prior_x10_lr_0.002": run_other_lr,
+    "kl_weight_0.01_lr_0.002": run_other_lr,
     "bhpeft_draws": run_bhpeft_draws,
 }
 
@@ -809,6 +825,7 @@ def run_cell(args: argparse.Namespace) -> int:
         "train_size": len(splits.train),
         "test_size": len(splits.test),
         "threads": torch.get_num_threads(),
+        "commit": source_commit(),
         **outcome.extra,
     }
     atomic_write_json(cell_file(Path(args.out), task, method, seed), record)
@@ -897,6 +914,8 @@ ABLATION_ROWS = (
     ("prior_x10", "prior scales x 10"),
     ("kl_weight_0.1", "KL weight 0.1"),
     ("kl_weight_0.01", "KL weight 0.01"),
+    ("prior_x10_lr_0.002", "prior scales x 10, lr 0.002"),
+    ("kl_weight_0.01_lr_0.002", "KL weight 0.01, lr 0.002"),
 )
 
 

@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
 from importlib import metadata
@@ -83,6 +84,27 @@ def library_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             out[name] = "not installed"
     return out
+
+
+def source_commit() -> str | None:
+    """The git commit of the checkout this package is imported from, with ``+dirty`` when
+    the package or the analysis scripts have uncommitted changes; ``None`` outside a checkout."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists():
+        return None
+    git = ["git", "-C", str(root)]
+    try:
+        head = subprocess.run([*git, "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=20, check=True)
+        changed = subprocess.run(
+            [*git, "status", "--porcelain", "--untracked-files=no", "--", "bhpeft_ppl", "analyses/*.py"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if changed.stdout.strip() else "")
 
 
 RUN_MARKERS = ("run.json", "metrics.json", "config.toml")
