@@ -16,6 +16,9 @@ that machine noise hits them alike; ratios are of medians.
   adapters and prefixes.
 * ``predict_vs_single_passes``: ``predict`` with S posterior draws over S plain
   forward passes of the network at fixed weights (no Pyro).
+* ``predict_top_lora_vs_single_passes``: the same for Bayesian LoRA on the last
+  layer's query and value only, where ``predict`` runs the layers below once per
+  batch for all draws (``bhpeft_ppl/sharing.py``).
 * ``peak_memory_vs_map``: peak resident memory while training (the loaded model
   included, as a GPU's ``max_memory_allocated`` counts it), Bayesian over MAP,
   each in its own child process, the peak mark reset after loading (Linux
@@ -220,6 +223,17 @@ def predict_vs_passes(args, model: BayesianHybridModel, guide, batch) -> dict[st
     )
 
 
+def top_lora_predict(args) -> dict[str, list[float]]:
+    """:func:`predict_vs_passes` for mean-field LoRA on the last layer only (a fresh, untrained guide)."""
+    base, tokenizer = load_base(args)
+    last = base.config.num_hidden_layers - 1
+    targets = tuple(f"encoder.layer.{last}.attention.self.{name}" for name in ("query", "value"))
+    spec = HybridSpec(LoRASpec(target_modules=targets), None, None, HeadSpec())
+    model = BayesianHybridModel(inject(base, spec), seed=args.seed)
+    with local_params():
+        return predict_vs_passes(args, model, model.make_guide(), make_batch(args, tokenizer))
+
+
 def pyro_overhead(args) -> dict:
     """Many sites, little arithmetic: Pyro's SVI step against the same step written by hand."""
     base = tiny_base(args.seed, layers=args.overhead_layers, hidden=32)
@@ -341,11 +355,13 @@ def main() -> None:
     train = train_steps(args, batch, tokenizer)
     step_times = train["times"]
     prediction = predict_vs_passes(args, train["models"]["bh_peft"], train["guide"], batch)
+    top_prediction = top_lora_predict(args)
     overhead = pyro_overhead(args)
     memory = peak_memory(args)
 
     median = {m: statistics.median(t) for m, t in step_times.items()}
     predict_median = {m: statistics.median(t) for m, t in prediction.items()}
+    top_median = {m: statistics.median(t) for m, t in top_prediction.items()}
     overhead_median = {m: statistics.median(t) for m, t in overhead["times"].items()}
     results = {
         "ratios": {
@@ -353,6 +369,7 @@ def main() -> None:
             "train_step_vs_peft_lora": median["bh_peft"] / median["peft_lora"],
             "train_step_lora_vs_peft_lora": median["bh_lora"] / median["peft_lora"],
             "predict_vs_single_passes": predict_median["predict"] / predict_median["single_passes"],
+            "predict_top_lora_vs_single_passes": top_median["predict"] / top_median["single_passes"],
             "peak_memory_vs_map": memory["bh_peft"]["peak_kib"] / memory["map"]["peak_kib"],
             "step_memory_vs_map": memory["bh_peft"]["step_kib"] / max(1, memory["map"]["step_kib"]),
             "peak_memory_vs_peft_lora": memory["bh_peft"]["peak_kib"] / memory["peft_lora"]["peak_kib"],
@@ -361,6 +378,7 @@ def main() -> None:
         "median_step_seconds": median,
         "step_seconds": step_times,
         "predict_seconds": prediction,
+        "predict_top_lora_seconds": top_prediction,
         "overhead_step_seconds": overhead["times"],
         "overhead_sites": overhead["sites"],
         "memory_kib": memory,

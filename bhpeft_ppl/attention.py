@@ -189,9 +189,9 @@ def mixed_prefix_attention(
     if value.dtype == torch.float16:  # too narrow for small unnormalised probabilities: normalise them first
         base_probs, norm = base_probs / norm, torch.ones_like(norm)
     prefix_out = torch.matmul(prefix_probs.to(value.dtype), repeat_kv(prefix_value, groups))  # [B, H, q, d], lambda * o_pre
-    base_out = torch.matmul(base_probs.to(value.dtype), repeat_kv(value, groups)) / norm  # [B, H, q, d], o_base
+    base_out = torch.matmul(base_probs.to(value.dtype), repeat_kv(value, groups))  # [B, H, q, d], o_base * norm
     g = gate.to(torch.float32)[:, None, None]  # [H, 1, 1]
-    out = g * prefix_out + (1 - g + g * base_mass) * base_out  # [B, H, q, d]
+    out = g * prefix_out + ((1 - g + g * base_mass) / norm) * base_out  # [B, H, q, d]
     return out.to(query.dtype).transpose(1, 2).contiguous()  # [B, q, H, d]
 
 

@@ -66,24 +66,33 @@ def _same(a: list, b: list) -> bool:
 class _SharedForward:
     """``forward`` of one module that returns the stored output for a repeated call.
 
-    The stored arguments are held, so their memory stays allocated and a new tensor
-    can never take a stored tensor's place.
+    The first call's arguments and output are stored; a later call with the same
+    arguments returns that output.  A call with other arguments shows that the
+    module is not draw-invariant here: the stored call is dropped and the module
+    runs plainly from then on (holding its tensors would only cost memory).  The
+    stored arguments are held, so their memory stays allocated and a new tensor can
+    never take a stored tensor's place.
     """
 
     def __init__(self, forward):
         self.forward = forward
         self.arguments: list | None = None
         self.output = None
+        self.active = True
         self.hits = 0
 
     def __call__(self, *args, **kwargs):
+        if not self.active:
+            return self.forward(*args, **kwargs)
         arguments = _arguments(args, kwargs)
-        if arguments is not None and self.arguments is not None and _same(arguments, self.arguments):
+        if self.arguments is not None and arguments is not None and _same(arguments, self.arguments):
             self.hits += 1
             return self.output
+        if self.arguments is not None or arguments is None:
+            self.active, self.arguments, self.output = False, None, None
+            return self.forward(*args, **kwargs)
         output = self.forward(*args, **kwargs)
-        if arguments is not None:
-            self.arguments, self.output = arguments, output
+        self.arguments, self.output = arguments, output
         return output
 
 

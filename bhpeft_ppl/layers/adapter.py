@@ -51,7 +51,10 @@ class BottleneckAdapter(PEFTLayer):
         down = self.weight("adapter_down").to(z.dtype)  # [m, d_in]
         up = self.weight("adapter_up").to(z.dtype)  # [d_out, m]
         h = self.activation(F.linear(z, down, self.weight("adapter_down_bias").to(z.dtype)))  # [..., m]
-        out = F.linear(h, up, self.weight("adapter_up_bias").to(z.dtype)) * self.scaling  # [..., d_out]
+        bias = self.weight("adapter_up_bias").to(z.dtype)  # [d_out]
+        if self.scaling != 1.0:  # s (W_up h + b) with the factor on the narrow tensors
+            h, bias = h * self.scaling, bias * self.scaling
+        out = F.linear(h, up, bias)  # [..., d_out]
         if self.gated:
             out = out * sigmoid_gate(self, z)
         return out

@@ -37,7 +37,7 @@ class LoRA(PEFTLayer):
         """The update :math:`g(x)\\,\\tfrac{\\alpha}{r} B A\\,\\mathrm{drop}(x)`, shape ``x.shape[:-1] + (d_out,)``."""
         a = self.weight("lora_A").to(x.dtype)  # [r, d_in]
         b = self.weight("lora_B").to(x.dtype)  # [d_out, r]
-        out = F.linear(F.linear(self.dropout(x), a), b) * self.scaling  # [..., d_out]
+        out = F.linear(F.linear(self.dropout(x), a) * self.scaling, b)  # [..., d_out], the factor on the rank-r tensor
         if self.gated:
             out = out * sigmoid_gate(self, x)
         return out
