@@ -170,3 +170,26 @@ def test_compare_methods_smoke_writes_every_cell_and_resumes(tmp_path):
     table = (out / "table.md").read_text()
     assert "### sst2 ablations" in table and "| LoRA only |" in table and "| KL weight 0.01 |" in table
     assert "| 30 |" in table and table.count("| everything (bhpeft_full) |") == 1
+
+
+def test_collapse_diagnosis_smoke_writes_every_setting_and_resumes(tmp_path):
+    out = tmp_path / "collapse"
+    command = [sys.executable, str(ROOT / "analyses" / "collapse_diagnosis.py"), "--smoke", "--out", str(out)]
+    first = subprocess.run(command, check=True, capture_output=True, text=True, timeout=600)
+    results = json.loads((out / "results.json").read_text())
+    settings = results["settings"]
+    assert set(settings) == {"kl_weight_1_lr_0.01", "kl_weight_0.01_lr_0.01", "kl_weight_0.01_lr_0.002"}
+    for name, record in settings.items():
+        assert record["lr"] in (0.01, 0.002) and record["kl_weight"] in (1.0, 0.01), name
+        assert len(record["log_likelihood_by_tenth"]) >= 2 and all(v < 0 for v in record["log_likelihood_by_tenth"])
+        assert {"lora_A", "lora_B", "adapter_up", "prefix_gate", "head"} <= set(record["mean_abs_loc"])
+        assert 0.0 <= record["accuracy_at_mean"] <= 1.0
+        assert set(record["accuracy_without"]) == {"lora_B", "adapter_up", "prefix_gate"}
+    # the KL weight and the learning rate reach the fit: the weights end at different sizes
+    sizes = [settings[n]["mean_abs_loc"]["lora_B"] for n in settings]
+    assert len(set(sizes)) == 3
+    assert "torch" in results["versions"] and first.stdout.count("accuracy at the mean") == 3
+    assert "| kl_weight_0.01_lr_0.002 |" in (out / "table.md").read_text()
+    again = subprocess.run(command, check=True, capture_output=True, text=True, timeout=600)
+    assert again.stdout.count("done, skipped") == 3
+    assert json.loads((out / "results.json").read_text())["settings"] == settings
