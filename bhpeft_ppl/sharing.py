@@ -2,8 +2,8 @@
 
 The :math:`S` forward passes that :func:`~bhpeft_ppl.predict.predict` makes for a
 batch differ only in the PEFT weights.  Every base-model module that no PEFT
-weight reaches (the embeddings, rotary tables, and the frozen projections of the
-first layer, whose input is the embeddings' output) receives the very same input
+weight reaches (the embeddings, and the frozen projections of the first layer,
+whose input is the embeddings' output) receives the very same input
 tensors in each pass, so its output is computed once and reused by the other
 :math:`S - 1` passes.
 
@@ -13,7 +13,11 @@ itself still qualifies), it does not read a prefix, and it is in eval mode (a
 module in train mode, e.g. dropout for MC dropout, draws new noise per pass).  A
 call is reused only when every tensor argument is the same view of the same
 memory as in the stored call (the stored arguments are held, so that memory
-cannot pass to a new tensor) and every other argument is equal.
+cannot pass to a new tensor) and every other argument is equal.  A model that
+changed such an output in place would see the change in later passes: the
+encoders and decoders of ``tests/test_sharing.py`` (BERT, RoBERTa, Llama, GPT-2)
+give identical predictions either way, and ``predict(share_invariant=False)``
+turns sharing off.
 """
 
 from __future__ import annotations
