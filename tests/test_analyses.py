@@ -150,7 +150,7 @@ def test_compare_methods_smoke_writes_every_cell_and_resumes(tmp_path):
 
     # the ablations go to the same results, in a table of their own
     ablations = subprocess.run([*command, "--ablations"], check=True, capture_output=True, text=True, timeout=900)
-    assert ablations.stdout.count(": running") == 11
+    assert ablations.stdout.count(": running") == 12
     records = {r["method"]: r for r in json.loads((out / "results.json").read_text())["records"] if r["task"] == "sst2"}
     ablated = ("bayes_lora", "bayes_adapter", "bayes_prefix", "bayes_head", "prior_x0.1", "prior_x10")
     assert set(ablated) | {"kl_weight_0.1", "kl_weight_0.01", "bhpeft_draws"} <= set(records)
@@ -160,6 +160,8 @@ def test_compare_methods_smoke_writes_every_cell_and_resumes(tmp_path):
     assert other_lr["lr"] == 0.002 and other_lr["kl_weight"] == 0.01 and "lr" not in records["kl_weight_0.01"]
     assert other_lr["accuracy"] != records["kl_weight_0.01"]["accuracy"] or other_lr["nll"] != records["kl_weight_0.01"]["nll"]
     assert records["prior_x10_lr_0.002"]["prior_scale_factor"] == 10
+    map_wide = records["map_prior_x10_lr_0.002"]
+    assert map_wide["prior_scale_factor"] == 10 and map_wide["lr"] == 0.002 and map_wide["draws"] == 1
     draws = records["bhpeft_draws"]
     assert draws["draws"] == 30 and {"draws_1", "draws_3", "draws_5", "draws_10", "draws_30"} <= set(draws)
     # the first 3 of its 30 draws from the cached bhpeft_full fit are bhpeft_full's 3 draws
