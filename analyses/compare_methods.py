@@ -132,6 +132,7 @@ so about 2.2 min on two free cores.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -1011,13 +1012,41 @@ def plot(results: dict, out: Path) -> None:
     atomic_write(out / "rejection.png", lambda tmp: fig.savefig(tmp, format="png", dpi=110))
 
 
+@contextlib.contextmanager
+def results_lock(out: Path):
+    """An exclusive lock on ``OUT/results.json.lock`` (where ``fcntl`` exists), so that two runs
+    on one folder (say the methods and the ablations) do not interleave their saves."""
+    try:
+        import fcntl
+    except ImportError:  # not on POSIX: no lock
+        yield
+        return
+    with open(out / "results.json.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def save(results: dict, out: Path) -> None:
-    """``results.json`` (records in task, method, seed order), ``table.md`` and the plots."""
-    rank = {(t, m): (i, j) for i, t in enumerate(TASKS) for j, m in enumerate(ALL_METHODS)}
-    results["records"].sort(key=lambda r: (*rank[(r["task"], r["method"])], r["seed"]))
-    atomic_write_json(out / "results.json", results)
-    atomic_write_text(out / "table.md", table(results))
-    plot(results, out)
+    """``results.json`` (records in task, method, seed order), ``table.md`` and the plots.
+
+    Records that another run on the same folder saved meanwhile are read back and kept.
+    """
+    with results_lock(out):
+        path = out / "results.json"
+        if path.is_file():
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            if saved.get("config") == results["config"]:
+                mine = {(r["task"], r["method"], r["seed"]) for r in results["records"]}
+                results["records"] += [r for r in saved["records"] if (r["task"], r["method"], r["seed"]) not in mine]
+                results["seeds"] = sorted(set(results["seeds"]) | set(saved.get("seeds", [])))
+        rank = {(t, m): (i, j) for i, t in enumerate(TASKS) for j, m in enumerate(ALL_METHODS)}
+        results["records"].sort(key=lambda r: (*rank[(r["task"], r["method"])], r["seed"]))
+        atomic_write_json(path, results)
+        atomic_write_text(out / "table.md", table(results))
+        plot(results, out)
 
 
 # Orchestration --------------------------------------------------------------------------------------
