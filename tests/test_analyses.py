@@ -136,6 +136,16 @@ def test_compare_methods_smoke_writes_every_cell_and_resumes(tmp_path):
     assert "running" not in rerun.stdout
     assert (out / "results.json").read_text() == before
 
+    # a save by one run keeps the records another run on the folder saved meanwhile
+    sys.path.insert(0, str(ROOT / "analyses"))
+    import compare_methods
+
+    other = next(r for r in results["records"] if (r["task"], r["method"]) == ("sst2", "map_lora"))
+    mine = {**results, "records": [r for r in results["records"] if r is not other]}
+    compare_methods.save(json.loads(json.dumps(mine)), out)
+    merged = json.loads((out / "results.json").read_text())
+    assert merged["records"] == results["records"] and (out / "results.json").read_text() == before
+
     # a deleted record is recomputed, and only that one
     kept = [r for r in results["records"] if (r["task"], r["method"]) != ("ag_news", "laplace_head")]
     (out / "results.json").write_text(json.dumps({**results, "records": kept}))
