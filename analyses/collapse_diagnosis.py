@@ -25,6 +25,7 @@ Writes ``OUT/results.json`` (with the configuration, seed and versions) and
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -69,7 +70,7 @@ def accuracy(model, weights: dict, loader, labels: torch.Tensor) -> float:
 
 def run_setting(cell: cm.Cell, kl_weight: float, lr: float) -> dict:
     args = argparse.Namespace(**{**vars(cell.args), "lr": lr})
-    cell = cm.Cell(cell.task, cell.method, cell.seed, cell.base, cell.tokenizer, cell.splits, args)
+    cell = dataclasses.replace(cell, args=args)
     model = cm.hybrid_model(cell, HybridSpec.bh_peft(cell.splits.head), GuideSpec(), cell.seed, kl_weight)
     result = fit(model, cell.splits.train, cell.fit_config(cell.seed), collate_fn=cell.collate)
     loglik = result.history["log_likelihood"]

@@ -21,7 +21,6 @@ padding; the outputs are returned in the order of the data.
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import pyro
@@ -32,7 +31,7 @@ from tqdm.auto import tqdm
 from .data import Collator
 from .guides import local_params
 from .model import BayesianHybridModel
-from .sharing import shared_across_draws
+from .sharing import shareable_modules, shared_across_draws
 
 
 @dataclass
@@ -181,9 +180,10 @@ def _forward_passes(
     draws = posterior_draws(guide, num_samples, seed)
     location = posterior_location(guide) if point else None
     model.eval()
+    shared = shareable_modules(model.peft.base) if share_invariant else []  # found once, wrapped per batch
     per_batch, per_batch_loglik, at_location, labels = [], [], [], []
     for batch in tqdm(loader, disable=not progress, desc="predict", unit="batch"):
-        with shared_across_draws(model.peft.base) if share_invariant else nullcontext():
+        with shared_across_draws(shared):
             outputs = [model.predictive(batch, w) for w in draws]
             if point:
                 at_location.append(model.predictive(batch, location)[0])  # [B, C]

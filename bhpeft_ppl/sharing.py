@@ -106,30 +106,28 @@ def _touched(module: nn.Module) -> bool:
 
 
 def shareable_modules(base: nn.Module) -> list[nn.Module]:
-    """The outermost modules of ``base`` whose ``forward`` is the same in every draw."""
-    varies: set[int] = set()  # modules whose forward reaches a hook, a prefix or train-mode noise
-    for name, module in base.named_modules():
-        if PREFIX_ATTRIBUTE in module.__dict__ or module.training:
-            varies.add(id(module))
-        if _touched(module) or module.training:
-            parts = name.split(".") if name else []
-            for depth in range(len(parts)):  # every strict ancestor calls it inside its forward
-                varies.add(id(base.get_submodule(".".join(parts[:depth]))))
+    """The outermost modules of ``base`` whose ``forward`` is the same in every draw.
 
-    def outermost(module: nn.Module) -> list[nn.Module]:
-        if id(module) not in varies:
-            return [module]
-        return [found for child in module.children() for found in outermost(child)]
+    A module's forward varies if it reads a prefix, is in train mode, or runs a child
+    that carries a hook or whose own forward varies."""
 
-    return outermost(base)
+    def visit(module: nn.Module) -> tuple[list[nn.Module], bool]:
+        found, varies = [], PREFIX_ATTRIBUTE in module.__dict__ or module.training
+        for child in module.children():
+            below, child_varies = visit(child)
+            found += below
+            varies = varies or child_varies or _touched(child)
+        return (found if varies else [module]), varies
+
+    return visit(base)[0]
 
 
 @contextmanager
-def shared_across_draws(base: nn.Module) -> Iterator[list[_SharedForward]]:
-    """Within the block, repeated calls of the draw-invariant modules of ``base`` (see
-    the module docstring) return their first output; yields the wrappers (``hits``)."""
+def shared_across_draws(modules: list[nn.Module]) -> Iterator[list[_SharedForward]]:
+    """Within the block, repeated calls of ``modules`` (from :func:`shareable_modules`, see the
+    module docstring) return their first output; yields the wrappers (``hits``)."""
     installed = []
-    for module in shareable_modules(base):
+    for module in modules:
         previous = module.__dict__.get("forward")
         wrapper = _SharedForward(module.forward)
         module.forward = wrapper

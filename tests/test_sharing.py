@@ -77,7 +77,7 @@ def test_repeated_calls_reuse_the_output_and_new_inputs_do_not(tiny_base):
     base = tiny_base("bert")
     base.eval()
     ids = torch.tensor([[2, 5, 7, 9]])
-    with torch.no_grad(), shared_across_draws(base) as wrappers:
+    with torch.no_grad(), shared_across_draws(shareable_modules(base)) as wrappers:
         assert len(wrappers) == 1  # nothing injected: the whole model
         first = base(input_ids=ids).last_hidden_state
         again = base(input_ids=ids).last_hidden_state
@@ -99,7 +99,7 @@ def test_draws_reuse_the_embeddings(tiny_base, kind):
     batch = next(iter(torch.utils.data.DataLoader(separable_dataset(4), batch_size=4, collate_fn=Collator())))
     model.eval()
     embedding = peft.base.get_input_embeddings()
-    with torch.no_grad(), shared_across_draws(peft.base) as wrappers:
+    with torch.no_grad(), shared_across_draws(shareable_modules(peft.base)) as wrappers:
         for _ in range(3):
             model.predictive(batch, {k: v.detach() for k, v in guide().items()})
         hits = {id(w.forward.__self__): w.hits for w in wrappers}
