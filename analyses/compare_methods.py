@@ -49,6 +49,24 @@ references are ``map_hybrid`` (nothing Bayesian) and ``bhpeft_full`` (everything
                          metrics of the first 1, 5 and 10 of them (``draws_1`` ... ``draws_30``)
 =======================  ======================================================================
 
+Chosen on validation (``--tuned``: on SST-2 unless ``--tasks`` is given, into the same
+results).  The fixed budget above uses one learning rate and the default priors for
+every method, which the ablations show is not the best setting for either hybrid.
+Each of these cells fits its method on a grid of prior scale factors
+:data:`PRIOR_FACTORS` x learning rates :data:`LEARNING_RATES` (9 fits), scores each fit
+by its NLL on the validation split (with the method's own draws) and reports the test
+metrics of the fit with the lowest validation NLL; the test set plays no part in the
+choice.  The record holds the chosen ``prior_scale_factor`` and ``lr``, every grid
+point's validation scores (``grid``) and, as ``seconds``, the training time of all 9
+fits (the price of the choice; ``chosen_seconds`` is the chosen fit's own).
+
+=======================  ======================================================================
+``map_hybrid_tuned``     ``map_hybrid`` (MAP: the prior is a weight penalty) with the prior
+                         scales and the learning rate chosen on validation
+``bhpeft_full_tuned``    ``bhpeft_full`` with the prior scales and the learning rate chosen on
+                         validation
+=======================  ======================================================================
+
 Bayesian methods (``mc_dropout``, ``laplace_head``, ``blob_lora``, ``paper_released``,
 ``bhpeft_full``) predict with S posterior draws (``--samples``, default 10), the
 ensemble with its 3 members, point methods with one.  The methods built on the
@@ -70,7 +88,7 @@ Training: ``--train-size`` examples per task (default 2,000 SST-2 sentences, 2,0
 AG News articles, 1,000 CommonsenseQA questions, i.e. 5,000 scored pairs; a
 stratified sample drawn with the cell seed), 2 epochs, batch 16, learning rate
 0.01.  The validation split (``--val-size`` other examples of the training file)
-is used only by temperature scaling.  Maximum length: 64 tokens (SST-2), 96
+is used only by temperature scaling and by the ``--tuned`` methods' choice.  Maximum length: 64 tokens (SST-2), 96
 (AG News), 64 per (question, choice) pair (CommonsenseQA).
 
 Metrics per cell, all from :mod:`bhpeft_ppl.calibration` and
@@ -125,6 +143,7 @@ so about 2.2 min on two free cores.
     python analyses/compare_methods.py --out analyses/results/compare_methods
     python analyses/compare_methods.py --out analyses/results/compare_methods --tasks sst2 --seeds 0
     python analyses/compare_methods.py --out analyses/results/compare_methods --ablations
+    python analyses/compare_methods.py --out analyses/results/compare_methods --tuned
     python analyses/compare_methods.py --out analyses/results/compare_methods --report
     python analyses/compare_methods.py --smoke --out runs/compare-smoke
 """
@@ -194,7 +213,10 @@ ABLATIONS = (
     "map_prior_x10_lr_0.002",
     "bhpeft_draws",
 )
-ALL_METHODS = METHODS + ABLATIONS
+TUNED = ("map_hybrid_tuned", "bhpeft_full_tuned")
+ALL_METHODS = METHODS + ABLATIONS + TUNED
+PRIOR_FACTORS = (1.0, 3.0, 10.0)  # the --tuned grid: default prior scales times these ...
+LEARNING_RATES = (0.002, 0.005, 0.01)  # ... and these learning rates
 DRAWS = (1, 5, 10, 30)  # posterior draws compared by bhpeft_draws
 MAX_LENGTH = {"sst2": 64, "ag_news": 96, "commonsense_qa": 64}
 TRAIN_SIZE = {"sst2": 2000, "ag_news": 2000, "commonsense_qa": 1000}  # CommonsenseQA: questions, 5 sequences each
@@ -352,17 +374,29 @@ def run_svi(
     return Outcome(probs, ood, result.seconds, seconds)
 
 
-def cached_fit(cell: Cell, folder: Path, spec: HybridSpec, guide_spec: GuideSpec, seed: int):
-    """``(model, guide, training seconds)`` of ``spec`` fitted with ``seed`` on the cell's training set.
+def cached_fit(
+    cell: Cell,
+    folder: Path,
+    spec: HybridSpec,
+    guide_spec: GuideSpec,
+    seed: int,
+    priors: Priors | None = None,
+    lr: float | None = None,
+):
+    """``(model, guide, training seconds)`` of ``spec`` fitted with ``seed`` on the cell's training set
+    (under ``priors``, default ones unless given, and at learning rate ``lr``, ``--lr`` unless given).
 
     Saved under ``folder`` the first time, so that the methods built on the same fit (and a
     rerun) reuse it; ``fit.json``, written last, marks it complete.
     """
-    model = hybrid_model(cell, spec, guide_spec, seed)
+    model = hybrid_model(cell, spec, guide_spec, seed, priors=priors)
     if (folder / "fit.json").is_file():
         guide = load_guide(folder, model)
         return model, guide, json.loads((folder / "fit.json").read_text(encoding="utf-8"))["seconds"]
-    result = fit(model, cell.splits.train, cell.fit_config(seed), collate_fn=cell.collate)
+    config = cell.fit_config(seed)
+    if lr is not None:
+        config = dataclasses.replace(config, lr=lr)
+    result = fit(model, cell.splits.train, config, collate_fn=cell.collate)
     save_posterior(folder, model, result.guide, history=result.history)
     atomic_write_json(folder / "fit.json", {"seconds": result.seconds, "fit_seed": seed, "data_seed": cell.seed})
     return model, result.guide, result.seconds
@@ -488,6 +522,52 @@ def run_other_lr(cell: Cell) -> Outcome:
     outcome = RUNNERS[method](dataclasses.replace(cell, method=method, args=args))
     outcome.extra["lr"] = float(lr)
     return outcome
+
+
+def tuned_fit(cell: Cell, factor: float, lr: float) -> tuple[BayesianHybridModel, object, float]:
+    """The ``--tuned`` method's base (``map_hybrid`` or ``bhpeft_full``) fitted under the default priors
+    times ``factor`` at learning rate ``lr``; at (1, ``--lr``) it is the main run's own fit."""
+    method = cell.method.removesuffix("_tuned")
+    if factor == 1.0 and lr == cell.args.lr:
+        return map_hybrid_fit(cell, cell.seed) if method == "map_hybrid" else bhpeft_full_fit(cell)
+    guide_spec = GuideSpec.map() if method == "map_hybrid" else GuideSpec()
+    folder = Path(cell.args.out) / "fits" / cell.task / f"{method}_data{cell.seed}_prior{factor:g}_lr{lr:g}"
+    spec = HybridSpec.bh_peft(cell.splits.head)
+    priors = None if factor == 1.0 else scaled_default_priors(factor)
+    return cached_fit(cell, folder, spec, guide_spec, cell.seed, priors=priors, lr=lr)
+
+
+def run_tuned(cell: Cell) -> Outcome:
+    """``<method>_tuned``: the fit of :data:`PRIOR_FACTORS` x :data:`LEARNING_RATES` with the lowest
+    validation NLL, scored on the test set.
+
+    Each grid point is predicted on the validation split with the method's draws (1 for MAP,
+    ``--samples`` for ``bhpeft_full``, seeded with the cell seed); the test set is predicted
+    for the chosen fit only.
+    """
+    draws = 1 if cell.method == "map_hybrid_tuned" else cell.args.samples
+    labels = torch.tensor(cell.splits.validation.labels)
+    kwargs = {"batch_size": cell.args.predict_batch_size, "seed": cell.seed, "collate_fn": cell.collate, "point": False}
+    grid = []
+    for factor in PRIOR_FACTORS:
+        for lr in LEARNING_RATES:
+            model, guide, seconds = tuned_fit(cell, factor, lr)
+            probs = predict(model, guide, cell.splits.validation, draws, **kwargs).probs  # [S, N_val, C]
+            model.peft.eject()  # the next grid point is injected into the same base model
+            scores = scores_of(Outcome(probs, None, seconds, 0.0), labels)
+            point = {"prior_scale_factor": factor, "lr": lr, "seconds": seconds}
+            grid.append(point | {f"validation_{key}": scores[key] for key in ("accuracy", "ece", "nll", "aurc")})
+    chosen = min(grid, key=lambda point: point["validation_nll"])  # the first of equals
+    model, guide, _ = tuned_fit(cell, chosen["prior_scale_factor"], chosen["lr"])
+    probs, ood, predict_seconds = predict_draws(cell, model, guide, draws)
+    extra = {
+        "prior_scale_factor": chosen["prior_scale_factor"],
+        "lr": chosen["lr"],
+        "chosen_seconds": chosen["seconds"],
+        "validation_size": len(cell.splits.validation),
+        "grid": grid,
+    }
+    return Outcome(probs, ood, sum(point["seconds"] for point in grid), predict_seconds, extra)
 
 
 def run_bhpeft_draws(cell: Cell) -> Outcome:
@@ -795,6 +875,8 @@ RUNNERS = {
     "map_prior_x10": run_map_prior_scale,
     "map_prior_x10_lr_0.002": run_other_lr,
     "bhpeft_draws": run_bhpeft_draws,
+    "map_hybrid_tuned": run_tuned,
+    "bhpeft_full_tuned": run_tuned,
 }
 
 
@@ -915,6 +997,7 @@ def table(results: dict) -> str:
             lines.append(f"| {method} | " + " | ".join(cells) + f" | {seeds} |")
         lines += [""] if methods else []
         lines += ablation_tables(task, results["records"], summary)
+        lines += tuned_table(task, results["records"], summary)
     return "\n".join(lines) + "\n"
 
 
@@ -961,6 +1044,36 @@ def ablation_tables(task: str, records: list[dict], summary: dict) -> list[str]:
             parts = [r[f"draws_{count}"] for r in draws if f"draws_{count}" in r]
             cells = [mean_sd([part[key] for part in parts if key in part], 3) for key, _ in columns]
             lines.append(f"| {count} | " + " | ".join(cells) + f" | {len(parts)} |")
+    return [*lines, ""]
+
+
+def tuned_table(task: str, records: list[dict], summary: dict) -> list[str]:
+    """Markdown of the ``--tuned`` methods of ``task`` (empty if none ran) beside the fixed-setting
+    fits they extend, with the settings chosen for each seed."""
+    if not any((task, m) in summary for m in TUNED):
+        return []
+    columns = [("accuracy", "accuracy"), ("ece", "ECE"), ("nll", "NLL"), ("aurc", "AURC"), ("ood_auroc", "OOD AUROC")]
+    columns = [c for c in columns if c[0] != "ood_auroc" or task == "sst2"]
+    lines = [
+        f"### {task}: prior scale and learning rate chosen on validation",
+        "",
+        f"Grid: default prior scales x {', '.join(f'{f:g}' for f in PRIOR_FACTORS)}; learning rate "
+        f"{', '.join(f'{r:g}' for r in LEARNING_RATES)}; the fit with the lowest validation NLL. "
+        "train s: all 9 fits.",
+        "",
+        "| method | " + " | ".join(c[1] for c in columns) + " | chosen (prior x, lr) per seed | train s | seeds |",
+        "|---|" + "---|" * (len(columns) + 3),
+    ]
+    for method in ("map_hybrid", "map_hybrid_tuned", "bhpeft_full", "bhpeft_full_tuned"):
+        values = summary.get((task, method))
+        if not values:
+            continue
+        chosen = "-"
+        if method in TUNED:
+            runs = sorted((r for r in records if r["task"] == task and r["method"] == method), key=lambda r: r["seed"])
+            chosen = ", ".join(f"{r['prior_scale_factor']:g} / {r['lr']:g}" for r in runs)
+        cells = [mean_sd(values.get(key, []), 3) for key, _ in columns] + [chosen, mean_sd(values.get("seconds", []), 0)]
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {len(values['accuracy'])} |")
     return [*lines, ""]
 
 
@@ -1061,8 +1174,8 @@ def settings_argv(args: argparse.Namespace) -> list[str]:
 
 
 SHARED_FITS = (
-    ("map_hybrid", "mc_dropout", "deep_ensemble", "temperature_scaling", "laplace_head"),  # the MAP hybrid's
-    ("bhpeft_full", "bhpeft_draws"),  # the full BH-PEFT fit's
+    ("map_hybrid", "mc_dropout", "deep_ensemble", "temperature_scaling", "laplace_head", "map_hybrid_tuned"),  # the MAP hybrid's
+    ("bhpeft_full", "bhpeft_draws", "bhpeft_full_tuned"),  # the full BH-PEFT fit's
 )
 
 
@@ -1201,12 +1314,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--ablations", action="store_true", help="run the ablations (on SST-2 unless --tasks is given) instead of the methods"
     )
+    p.add_argument(
+        "--tuned",
+        action="store_true",
+        help="run map_hybrid and bhpeft_full with prior scale and lr chosen on validation (on SST-2 unless --tasks is given)",
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--model", default="minilm", help="base model: 'minilm' (bundled) or a local Hugging Face folder")
     p.add_argument(
         "--train-size", type=int, default=None, help="training examples per cell (default 2000, 2000, 1000 questions by task)"
     )
-    p.add_argument("--val-size", type=int, default=500, help="validation examples (temperature scaling only)")
+    p.add_argument("--val-size", type=int, default=500, help="validation examples (temperature scaling and --tuned only)")
     p.add_argument("--test-size", type=int, default=1000, help="at most this many test examples (a fixed sample)")
     p.add_argument("--ood-size", type=int, default=500, help="AG News texts scored by the SST-2 models")
     p.add_argument("--epochs", type=int, default=2)
@@ -1222,10 +1340,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if "--smoke" in argv:
         p.set_defaults(**SMOKE_DEFAULTS, model="tiny-random-bert")
     args = p.parse_args(argv)
+    if args.ablations and args.tuned:
+        p.error("--ablations and --tuned are separate runs; give one of them")
     if args.methods is None:
-        args.methods = list(ABLATIONS if args.ablations else METHODS)
+        args.methods = list(ABLATIONS if args.ablations else TUNED if args.tuned else METHODS)
     if args.tasks is None:
-        args.tasks = ["sst2"] if args.ablations else list(TASKS)
+        args.tasks = ["sst2"] if args.ablations or args.tuned else list(TASKS)
     return args
 
 

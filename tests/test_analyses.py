@@ -205,3 +205,33 @@ def test_collapse_diagnosis_smoke_writes_every_setting_and_resumes(tmp_path):
     again = subprocess.run(command, check=True, capture_output=True, text=True, timeout=600)
     assert again.stdout.count("done, skipped") == 3
     assert json.loads((out / "results.json").read_text())["settings"] == settings
+
+
+def test_compare_methods_tuned_chooses_on_validation(tmp_path):
+    out = tmp_path / "compare"
+    command = [sys.executable, str(ROOT / "analyses" / "compare_methods.py"), "--smoke", "--out", str(out), "--tasks", "sst2"]
+    subprocess.run([*command, "--methods", "map_hybrid", "bhpeft_full"], check=True, capture_output=True, timeout=900)
+    tuned = subprocess.run([*command, "--tuned"], check=True, capture_output=True, text=True, timeout=900)
+    assert tuned.stdout.count(": running") == 2
+    records = {r["method"]: r for r in json.loads((out / "results.json").read_text())["records"]}
+    assert set(records) == {"map_hybrid", "bhpeft_full", "map_hybrid_tuned", "bhpeft_full_tuned"}
+    for method, draws in (("map_hybrid", 1), ("bhpeft_full", 3)):
+        record, grid = records[f"{method}_tuned"], records[f"{method}_tuned"]["grid"]
+        settings = [(point["prior_scale_factor"], point["lr"]) for point in grid]
+        assert sorted(settings) == sorted((f, r) for f in (1.0, 3.0, 10.0) for r in (0.002, 0.005, 0.01))
+        best = min(grid, key=lambda point: point["validation_nll"])
+        assert (record["prior_scale_factor"], record["lr"]) == (best["prior_scale_factor"], best["lr"])
+        assert all(point["validation_nll"] >= best["validation_nll"] for point in grid)
+        assert record["seconds"] == pytest.approx(sum(point["seconds"] for point in grid))
+        assert record["chosen_seconds"] == best["seconds"] and record["draws"] == draws
+        assert record["validation_size"] == 16 and 0 <= record["accuracy"] <= 1 and "ood_auroc" in record
+        # the grid point at the main run's setting is the main run's fit, not a refit
+        main = next(point for point in grid if (point["prior_scale_factor"], point["lr"]) == (1.0, 0.01))
+        assert main["seconds"] == records[method]["seconds"]
+        # the nine fits differ: the grid is not one fit scored nine times
+        assert len({point["validation_nll"] for point in grid}) > 1
+    table = (out / "table.md").read_text()
+    assert "### sst2: prior scale and learning rate chosen on validation" in table
+    assert table.count("| bhpeft_full_tuned |") == 1 and table.count("| map_hybrid_tuned |") == 1
+    rerun = subprocess.run([*command, "--tuned"], check=True, capture_output=True, text=True, timeout=900)
+    assert rerun.stdout.count("done, skipped") == 2 and "running" not in rerun.stdout
