@@ -1018,13 +1018,18 @@ ABLATION_ROWS = (
 )
 
 
+def short_columns(task: str) -> list[tuple[str, str]]:
+    """``(metric, heading)`` of the ablation and ``--tuned`` tables (OOD AUROC on SST-2 only)."""
+    columns = [("accuracy", "accuracy"), ("ece", "ECE"), ("nll", "NLL"), ("aurc", "AURC"), ("ood_auroc", "OOD AUROC")]
+    return [c for c in columns if c[0] != "ood_auroc" or task == "sst2"]
+
+
 def ablation_tables(task: str, records: list[dict], summary: dict) -> list[str]:
     """Markdown of the ablations of ``task`` (empty if none ran): what is Bayesian, prior scale and
     KL weight (against the references ``map_hybrid`` and ``bhpeft_full``), and the number of draws."""
     if not any((task, m) in summary for m in ABLATIONS):
         return []
-    columns = [("accuracy", "accuracy"), ("ece", "ECE"), ("nll", "NLL"), ("aurc", "AURC"), ("ood_auroc", "OOD AUROC")]
-    columns = [c for c in columns if c[0] != "ood_auroc" or task == "sst2"]
+    columns = short_columns(task)
     lines = [
         f"### {task} ablations",
         "",
@@ -1052,8 +1057,7 @@ def tuned_table(task: str, records: list[dict], summary: dict) -> list[str]:
     fits they extend, with the settings chosen for each seed."""
     if not any((task, m) in summary for m in TUNED):
         return []
-    columns = [("accuracy", "accuracy"), ("ece", "ECE"), ("nll", "NLL"), ("aurc", "AURC"), ("ood_auroc", "OOD AUROC")]
-    columns = [c for c in columns if c[0] != "ood_auroc" or task == "sst2"]
+    columns = short_columns(task)
     lines = [
         f"### {task}: prior scale and learning rate chosen on validation",
         "",
