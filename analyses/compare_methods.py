@@ -996,6 +996,7 @@ def table(results: dict) -> str:
             seeds = len(values["accuracy"])
             lines.append(f"| {method} | " + " | ".join(cells) + f" | {seeds} |")
         lines += [""] if methods else []
+        lines += paired_table(task, results["records"])
         lines += ablation_tables(task, results["records"], summary)
         lines += tuned_table(task, results["records"], summary)
     return "\n".join(lines) + "\n"
@@ -1016,6 +1017,38 @@ ABLATION_ROWS = (
     ("kl_weight_0.01_lr_0.002", "KL weight 0.01, lr 0.002"),
     ("map_prior_x10_lr_0.002", "nothing Bayesian, prior scales x 10, lr 0.002"),
 )
+
+
+PAIRED = (("accuracy", "accuracy", 1), ("ece", "ECE", -1), ("nll", "NLL", -1), ("aurc", "AURC", -1))  # 1: higher is better
+
+
+def paired_table(task: str, records: list[dict], reference: str = "map_hybrid") -> list[str]:
+    """Markdown: each method's difference from ``reference`` on the same seeds (same training
+    data, same test set), as the mean of the per-seed differences and the number of seeds on
+    which the method is better; empty unless some method shares a seed with the reference."""
+    by_cell = {(r["method"], r["seed"]): r for r in records if r["task"] == task}
+    rows = []
+    for method in METHODS:
+        seeds = sorted(seed for m, seed in by_cell if m == method and (reference, seed) in by_cell)
+        if method == reference or not seeds:
+            continue
+        cells = []
+        for key, _, sign in PAIRED:
+            differences = [by_cell[(method, seed)][key] - by_cell[(reference, seed)][key] for seed in seeds]
+            better = sum(sign * d > 0 for d in differences)
+            cells.append(f"{round(mean(differences), 3) + 0.0:+.3f} ({better}/{len(seeds)})")  # + 0.0: no "-0.000"
+        rows.append(f"| {method} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    return [
+        f"Paired against `{reference}` (method minus {reference} on the same seed; mean over seeds, "
+        "and on how many seeds the method is better):",
+        "",
+        "| method | " + " | ".join(f"Δ {heading}" for _, heading, _ in PAIRED) + " |",
+        "|---|" + "---|" * len(PAIRED),
+        *rows,
+        "",
+    ]
 
 
 def short_columns(task: str) -> list[tuple[str, str]]:

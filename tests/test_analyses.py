@@ -128,6 +128,12 @@ def test_compare_methods_smoke_writes_every_cell_and_resumes(tmp_path):
     for method in methods:
         assert table.count(f"| {method} |") == len(tasks), method
     assert (out / "ece_vs_accuracy.png").is_file() and (out / "rejection.png").is_file()
+    # each method against map_hybrid on the same seed: 11 rows per task
+    assert table.count("Paired against `map_hybrid`") == len(tasks)
+    by_cell = {(r["task"], r["method"]): r for r in results["records"]}
+    delta = by_cell[("sst2", "bhpeft_full")]["nll"] - by_cell[("sst2", "map_hybrid")]["nll"]
+    paired_rows = [line for line in table.splitlines() if line.startswith("| bhpeft_full |") and "/1)" in line]
+    assert len(paired_rows) == len(tasks) and f"| {round(delta, 3) + 0.0:+.3f} (" in paired_rows[0]
 
     # a rerun finds every cell done and changes nothing
     before = (out / "results.json").read_text()
