@@ -126,9 +126,10 @@ def _plain(kwargs: dict) -> bool:
     return all(kwargs.get(name) is None for name in ("position_bias", "softcap", "s_aux", "sinks"))
 
 
-# Below this base-attention mass (the prefix out-scores every key by ~69 nats) the
-# renormalised base probabilities lose precision: fall back to two exact passes.
-_MIN_BASE_MASS = 1e-30
+# Below this base-attention mass (the prefix out-scores every key by ~41 nats) fall back to
+# two exact passes: the backward of the renormalisation divides by the mass squared, which
+# underflows float32 from about 1e-20 on (non-finite gradients), and the forward loses precision.
+_MIN_BASE_MASS = 1e-18
 
 
 def _open_rows(mask: torch.Tensor | None, length: int) -> torch.Tensor | bool:

@@ -124,6 +124,29 @@ def test_underflowing_base_mass_falls_back_to_two_passes():
     assert attention.mixed_prefix_attention(**{k: v for k, v in tensors.items()}, mask=None, training=False) is None
 
 
+@pytest.mark.parametrize("gap", [10.0, 30.0, 40.0, 46.0, 56.0, 66.0, 80.0])
+def test_gradients_stay_finite_as_the_prefix_takes_all_the_mass(gap):
+    """The prefix out-scores every key by about ``gap`` nats (base mass about e^-gap): the layer
+    (the one pass, or the two passes it falls back to) has the two-pass gradients, all finite.
+    With the fallback below 1e-30, gaps of 46 to 68 nats gave non-finite gradients."""
+    generator = torch.Generator().manual_seed(0)
+    query = torch.ones(B, H, Q, D, requires_grad=True)
+    key = (torch.randn(B, H, Q, D, generator=generator) * 0.1).requires_grad_()
+    value = torch.randn(B, H, Q, D, generator=generator, requires_grad=True)
+    prefix_key = torch.full((B, H, P, D), gap / D**0.5, requires_grad=True)  # scores of `gap` against about 0
+    prefix_value = torch.randn(B, H, P, D, generator=generator, requires_grad=True)
+    gate = torch.full((H,), 0.5, requires_grad=True)
+    tensors = [query, key, value, prefix_key, prefix_value, gate]
+    mixed = attention.mixed_prefix_attention(query, key, value, prefix_key, prefix_value, None, gate, False)
+    reference = two_pass(query, key, value, prefix_key, prefix_value, None, gate)
+    expected = torch.autograd.grad(reference.sum(), tensors, retain_graph=True)
+    out = reference if mixed is None else mixed  # what the layer returns
+    assert (mixed is None) == (gap > 41.5)  # the fallback starts at a base mass of 1e-18
+    for got, want in zip(torch.autograd.grad(out.sum(), tensors), expected, strict=True):
+        assert got.isfinite().all()
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_attention_dropout_is_unbiased():
     """Dropout on the one softmax: each draw differs, their mean tends to the output without dropout."""
     torch.manual_seed(0)
