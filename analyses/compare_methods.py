@@ -998,7 +998,7 @@ def table(results: dict) -> str:
         lines += [""] if methods else []
         lines += paired_table(task, results["records"])
         lines += ablation_tables(task, results["records"], summary)
-        lines += tuned_table(task, results["records"], summary)
+        lines += tuned_table(task, results["records"])
     return "\n".join(lines) + "\n"
 
 
@@ -1085,18 +1085,20 @@ def ablation_tables(task: str, records: list[dict], summary: dict) -> list[str]:
     return [*lines, ""]
 
 
-def tuned_table(task: str, records: list[dict], summary: dict) -> list[str]:
+def tuned_table(task: str, records: list[dict]) -> list[str]:
     """Markdown of the ``--tuned`` methods of ``task`` (empty if none ran) beside the fixed-setting
-    fits they extend, with the settings chosen for each seed."""
-    if not any((task, m) in summary for m in TUNED):
+    fits they extend, on the seeds the tuned methods have, with the settings chosen for each seed."""
+    seeds = {r["seed"] for r in records if r["task"] == task and r["method"] in TUNED}
+    if not seeds:
         return []
+    summary = collect([r for r in records if r["task"] == task and r["seed"] in seeds])
     columns = short_columns(task)
     lines = [
         f"### {task}: prior scale and learning rate chosen on validation",
         "",
         f"Grid: default prior scales x {', '.join(f'{f:g}' for f in PRIOR_FACTORS)}; learning rate "
         f"{', '.join(f'{r:g}' for r in LEARNING_RATES)}; the fit with the lowest validation NLL. "
-        "train s: all 9 fits.",
+        f"train s: all 9 fits. Seeds: {', '.join(map(str, sorted(seeds)))}.",
         "",
         "| method | " + " | ".join(c[1] for c in columns) + " | chosen (prior x, lr) per seed | train s | seeds |",
         "|---|" + "---|" * (len(columns) + 3),
