@@ -1086,33 +1086,33 @@ def ablation_tables(task: str, records: list[dict], summary: dict) -> list[str]:
 
 
 def tuned_table(task: str, records: list[dict]) -> list[str]:
-    """Markdown of the ``--tuned`` methods of ``task`` (empty if none ran) beside the fixed-setting
-    fits they extend, on the seeds the tuned methods have, with the settings chosen for each seed."""
-    seeds = {r["seed"] for r in records if r["task"] == task and r["method"] in TUNED}
-    if not seeds:
+    """Markdown of the ``--tuned`` methods of ``task`` (empty if none ran), each beside the
+    fixed-setting method it extends on the same seeds, with the settings chosen for each seed."""
+    mine = [r for r in records if r["task"] == task]
+    if not any(r["method"] in TUNED for r in mine):
         return []
-    summary = collect([r for r in records if r["task"] == task and r["seed"] in seeds])
     columns = short_columns(task)
     lines = [
         f"### {task}: prior scale and learning rate chosen on validation",
         "",
         f"Grid: default prior scales x {', '.join(f'{f:g}' for f in PRIOR_FACTORS)}; learning rate "
         f"{', '.join(f'{r:g}' for r in LEARNING_RATES)}; the fit with the lowest validation NLL. "
-        f"train s: all 9 fits. Seeds: {', '.join(map(str, sorted(seeds)))}.",
+        "train s: all 9 fits. Each method is shown on the seeds its tuned version has.",
         "",
         "| method | " + " | ".join(c[1] for c in columns) + " | chosen (prior x, lr) per seed | train s | seeds |",
         "|---|" + "---|" * (len(columns) + 3),
     ]
-    for method in ("map_hybrid", "map_hybrid_tuned", "bhpeft_full", "bhpeft_full_tuned"):
-        values = summary.get((task, method))
-        if not values:
-            continue
-        chosen = "-"
-        if method in TUNED:
-            runs = sorted((r for r in records if r["task"] == task and r["method"] == method), key=lambda r: r["seed"])
-            chosen = ", ".join(f"{r['prior_scale_factor']:g} / {r['lr']:g}" for r in runs)
-        cells = [mean_sd(values.get(key, []), 3) for key, _ in columns] + [chosen, mean_sd(values.get("seconds", []), 0)]
-        lines.append(f"| {method} | " + " | ".join(cells) + f" | {len(values['accuracy'])} |")
+    for tuned in TUNED:
+        runs = sorted((r for r in mine if r["method"] == tuned), key=lambda r: r["seed"])
+        seeds = [r["seed"] for r in runs]
+        base = tuned.removesuffix("_tuned")
+        for method in (base, tuned):
+            values = collect([r for r in mine if r["method"] == method and r["seed"] in seeds]).get((task, method))
+            if not values:
+                continue
+            chosen = ", ".join(f"{r['prior_scale_factor']:g} / {r['lr']:g}" for r in runs) if method == tuned else "-"
+            cells = [mean_sd(values.get(key, []), 3) for key, _ in columns] + [chosen, mean_sd(values.get("seconds", []), 0)]
+            lines.append(f"| {method} | " + " | ".join(cells) + f" | {', '.join(map(str, seeds))} |")
     return [*lines, ""]
 
 

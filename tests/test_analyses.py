@@ -239,6 +239,6 @@ def test_compare_methods_tuned_chooses_on_validation(tmp_path):
     table = (out / "table.md").read_text()
     assert "### sst2: prior scale and learning rate chosen on validation" in table
     assert table.count("| bhpeft_full_tuned |") == 1 and table.count("| map_hybrid_tuned |") == 1
-    assert "Seeds: 0." in table  # the fixed-setting rows beside them are on the same seeds
+    assert table.count("| 0 |") >= 4  # each tuned method and its fixed-setting twin, on seed 0
     rerun = subprocess.run([*command, "--tuned"], check=True, capture_output=True, text=True, timeout=900)
     assert rerun.stdout.count("done, skipped") == 2 and "running" not in rerun.stdout
