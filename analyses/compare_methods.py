@@ -1194,6 +1194,8 @@ def save(results: dict, out: Path) -> None:
                 mine = {(r["task"], r["method"], r["seed"]) for r in results["records"]}
                 results["records"] += [r for r in saved["records"] if (r["task"], r["method"], r["seed"]) not in mine]
                 results["seeds"] = sorted(set(results["seeds"]) | set(saved.get("seeds", [])))
+        latest = {(r["task"], r["method"], r["seed"]): r for r in results["records"]}  # one record a cell, the last
+        results["records"] = list(latest.values())
         rank = {(t, m): (i, j) for i, t in enumerate(TASKS) for j, m in enumerate(ALL_METHODS)}
         results["records"].sort(key=lambda r: (*rank[(r["task"], r["method"])], r["seed"]))
         atomic_write_json(path, results)
@@ -1301,6 +1303,8 @@ def orchestrate(args: argparse.Namespace) -> int:
         if args.smoke and pending:
             backbone = str(save_tiny_backbone(Path(scratch) / "tiny-bert"))
         while pending or running:
+            merged = {(r["task"], r["method"], r["seed"]) for r in results["records"]}  # another run's too, once saved
+            pending = [c for c in pending if c not in merged]
             while len(running) < args.jobs:
                 cell = next((c for c in pending if not clashes(c, running)), None)
                 if cell is None:

@@ -151,6 +151,9 @@ def test_compare_methods_smoke_writes_every_cell_and_resumes(tmp_path):
     compare_methods.save(json.loads(json.dumps(mine)), out)
     merged = json.loads((out / "results.json").read_text())
     assert merged["records"] == results["records"] and (out / "results.json").read_text() == before
+    # a cell two runs both computed is kept once
+    compare_methods.save(json.loads(json.dumps({**results, "records": [*results["records"], other]})), out)
+    assert (out / "results.json").read_text() == before
 
     # a deleted record is recomputed, and only that one
     kept = [r for r in results["records"] if (r["task"], r["method"]) != ("ag_news", "laplace_head")]
