@@ -177,7 +177,7 @@ from bhpeft_ppl.data import Collator, EncodedDataset, encode_split, encode_texts
 from bhpeft_ppl.files import atomic_write, atomic_write_json, atomic_write_text, library_versions, source_commit
 from bhpeft_ppl.infer import fit
 from bhpeft_ppl.loaders import TaskData, load_task, read_split
-from bhpeft_ppl.predict import posterior_location, predict
+from bhpeft_ppl.predict import Predictions, posterior_location, predict
 from bhpeft_ppl.priors import Priors
 from bhpeft_ppl.selective import accuracy_after_rejection, aurc, ood_auroc, uncertainty
 from bhpeft_ppl.serialize import load_guide, save_posterior
@@ -330,6 +330,11 @@ class Cell:
         a = self.args
         return FitConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=seed, progress=False)
 
+    def predictions(self, model: BayesianHybridModel, guide, data: EncodedDataset, num: int) -> Predictions:
+        """``num`` posterior draws' predictions of ``data`` (seeded with the cell seed)."""
+        kwargs = {"batch_size": self.args.predict_batch_size, "seed": self.seed, "collate_fn": self.collate}
+        return predict(model, guide, data, num, point=False, **kwargs)
+
     def loader(self, data: EncodedDataset) -> DataLoader:
         """Batches of ``data`` in order, for prediction."""
         return DataLoader(data, batch_size=self.args.predict_batch_size, shuffle=False, collate_fn=self.collate)
@@ -356,11 +361,10 @@ def hybrid_model(
 def predict_draws(cell: Cell, model: BayesianHybridModel, guide, num: int) -> tuple[torch.Tensor, torch.Tensor | None, float]:
     """Test (and OOD) probabilities ``[S, N, C]`` from ``num`` posterior draws, and the seconds it took."""
     start = time.perf_counter()
-    kwargs = {"batch_size": cell.args.predict_batch_size, "seed": cell.seed, "collate_fn": cell.collate, "point": False}
-    probs = predict(model, guide, cell.splits.test, num, **kwargs).probs  # [S, N, C]
+    probs = cell.predictions(model, guide, cell.splits.test, num).probs  # [S, N, C]
     ood = None
     if cell.splits.ood is not None:
-        ood = predict(model, guide, cell.splits.ood, num, **kwargs).probs  # [S, M, C]
+        ood = cell.predictions(model, guide, cell.splits.ood, num).probs  # [S, M, C]
     return probs, ood, time.perf_counter() - start
 
 
@@ -490,19 +494,12 @@ def scaled_default_priors(factor: float) -> Priors:
 
 
 def run_prior_scale(cell: Cell) -> Outcome:
-    """``prior_x<k>``: ``bhpeft_full`` under the default priors with scales times ``k``."""
-    factor = float(cell.method.removeprefix("prior_x"))
-    priors = scaled_default_priors(factor)
-    outcome = run_svi(cell, HybridSpec.bh_peft(cell.splits.head), GuideSpec(), cell.args.samples, priors=priors)
-    outcome.extra["prior_scale_factor"] = factor
-    return outcome
-
-
-def run_map_prior_scale(cell: Cell) -> Outcome:
-    """``map_prior_x<k>``: ``map_hybrid`` (MAP everywhere) under the default priors with scales times ``k``."""
-    factor = float(cell.method.removeprefix("map_prior_x"))
-    spec = HybridSpec.bh_peft(cell.splits.head)
-    outcome = run_svi(cell, spec, GuideSpec.map(), draws=1, priors=scaled_default_priors(factor))
+    """``prior_x<k>``: ``bhpeft_full``, and ``map_prior_x<k>``: ``map_hybrid`` (MAP everywhere),
+    under the default priors with scales times ``k``."""
+    point = cell.method.startswith("map_")
+    factor = float(cell.method.removeprefix("map_").removeprefix("prior_x"))
+    guide_spec, draws = (GuideSpec.map(), 1) if point else (GuideSpec(), cell.args.samples)
+    outcome = run_svi(cell, HybridSpec.bh_peft(cell.splits.head), guide_spec, draws, priors=scaled_default_priors(factor))
     outcome.extra["prior_scale_factor"] = factor
     return outcome
 
@@ -547,12 +544,11 @@ def run_tuned(cell: Cell) -> Outcome:
     """
     draws = 1 if cell.method == "map_hybrid_tuned" else cell.args.samples
     labels = torch.tensor(cell.splits.validation.labels)
-    kwargs = {"batch_size": cell.args.predict_batch_size, "seed": cell.seed, "collate_fn": cell.collate, "point": False}
     grid = []
     for factor in PRIOR_FACTORS:
         for lr in LEARNING_RATES:
             model, guide, seconds = tuned_fit(cell, factor, lr)
-            probs = predict(model, guide, cell.splits.validation, draws, **kwargs).probs  # [S, N_val, C]
+            probs = cell.predictions(model, guide, cell.splits.validation, draws).probs  # [S, N_val, C]
             model.peft.eject()  # the next grid point is injected into the same base model
             scores = scores_of(Outcome(probs, None, seconds, 0.0), labels)
             point = {"prior_scale_factor": factor, "lr": lr, "seconds": seconds}
@@ -659,9 +655,7 @@ def run_temperature_scaling(cell: Cell) -> Outcome:
     """``temperature_scaling``: the MAP hybrid, one temperature fitted on the validation split."""
     model, guide, seconds = map_hybrid_fit(cell, cell.seed)
     start = time.perf_counter()
-    val = predict(
-        model, guide, cell.splits.validation, 1, batch_size=cell.args.predict_batch_size, collate_fn=cell.collate, point=False
-    )
+    val = cell.predictions(model, guide, cell.splits.validation, 1)
     temperature = fit_temperature(val.mean_probs, val.labels)
     seconds += time.perf_counter() - start
     probs, ood, predict_seconds = predict_draws(cell, model, guide, 1)
@@ -872,7 +866,7 @@ RUNNERS = {
     "kl_weight_0.01": run_kl_weight,
     "prior_x10_lr_0.002": run_other_lr,
     "kl_weight_0.01_lr_0.002": run_other_lr,
-    "map_prior_x10": run_map_prior_scale,
+    "map_prior_x10": run_prior_scale,
     "map_prior_x10_lr_0.002": run_other_lr,
     "bhpeft_draws": run_bhpeft_draws,
     "map_hybrid_tuned": run_tuned,
@@ -1303,8 +1297,6 @@ def orchestrate(args: argparse.Namespace) -> int:
         if args.smoke and pending:
             backbone = str(save_tiny_backbone(Path(scratch) / "tiny-bert"))
         while pending or running:
-            merged = {(r["task"], r["method"], r["seed"]) for r in results["records"]}  # another run's too, once saved
-            pending = [c for c in pending if c not in merged]
             while len(running) < args.jobs:
                 cell = next((c for c in pending if not clashes(c, running)), None)
                 if cell is None:
@@ -1323,7 +1315,9 @@ def orchestrate(args: argparse.Namespace) -> int:
                     failed.append(child.key)
                     continue
                 results["records"].append(record)
-                save(results, out)
+                save(results, out)  # also brings in the records another run on the folder saved
+                merged = {(r["task"], r["method"], r["seed"]) for r in results["records"]}
+                pending = [c for c in pending if c not in merged]
                 print(
                     f"{child.key}: accuracy {record['accuracy']:.3f}, ECE {record['ece']:.3f}, "
                     f"train {record['seconds']:.1f} s, predict {record['predict_seconds']:.1f} s, "
